@@ -1,0 +1,31 @@
+"""lmforge-prepare: tokenize a corpus into token shards (``lmforge-prepare data=shakespeare_bpe``)."""
+
+from __future__ import annotations
+
+import hydra
+from omegaconf import DictConfig
+
+from lmforge.cli import CONFIG_PATH, reports_errors
+from lmforge.config import build
+from lmforge.errors import LMForgeError
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="prepare", version_base="1.3")
+@reports_errors
+def main(cfg: DictConfig) -> None:
+    from lmforge.data.prepare import prepare
+
+    data = build(cfg.data, "data")
+    if data.prepare is None:
+        raise LMForgeError(
+            f"data config for {data.dir} has no `prepare` section: nothing to build it from"
+        )
+    meta = prepare(data.prepare, data.dir, force=cfg.force)
+    print(
+        f"prepared {data.dir}: vocab {meta['vocab_size']} ({meta['dtype']}), "
+        + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in meta["splits"].items())
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,136 @@
+"""lmforge-train: compose model, data, task, trainer and loggers from the config, then fit."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import hydra
+from omegaconf import DictConfig, OmegaConf
+
+from lmforge.cli import CONFIG_PATH, reports_errors
+from lmforge.config import build
+from lmforge.errors import LMForgeError
+
+
+@dataclass
+class RunConfig:
+    """The typed pieces of a training run, validated before anything heavy is imported."""
+
+    model: Any
+    data: Any
+    optim: Any
+
+
+def validate(cfg: DictConfig) -> RunConfig:
+    """Check every user-set field; raises LMForgeError naming the key."""
+    vocab = cfg.model.get("vocab_size")
+    model = build(
+        cfg.model, "model", vocab_size=vocab or 1
+    )  # vocab checked again once data is known
+    data = build(cfg.data, "data")
+    optim = build(cfg.task.optim, "task.optim")
+    if data.seq_len > model.block_size:
+        raise LMForgeError(
+            f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}:"
+            " lower data.seq_len or raise model.block_size"
+        )
+    for key in ("max_steps",):
+        if cfg.trainer.get(key) is not None and cfg.trainer[key] == 0:
+            raise LMForgeError(f"trainer.{key} must be positive or -1, got 0")
+    return RunConfig(model, data, optim)
+
+
+def build_loggers(cfg: DictConfig) -> list:
+    loggers = (hydra.utils.instantiate(node) for node in (cfg.logger or {}).values())
+    return [lg for lg in loggers if lg is not None]
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one training job; returns the final metrics."""
+    typed = validate(cfg)
+
+    import lightning as L
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lmforge.data.datamodule import TokenDataModule
+
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    dm = TokenDataModule(typed.data, seed=cfg.seed)
+    dm.prepare_data()
+    tok_vocab = dm.meta["vocab_size"]
+    user_vocab = cfg.model.get("vocab_size")
+    if user_vocab is not None and user_vocab < tok_vocab:
+        raise LMForgeError(
+            f"model.vocab_size={user_vocab} is smaller than the tokenizer's {tok_vocab}:"
+            " remove model.vocab_size to take the tokenizer's size"
+        )
+    model_cfg = build(cfg.model, "model", vocab_size=user_vocab or tok_vocab)
+    task_cls = hydra.utils.get_class(cfg.task._target_)
+    task = task_cls(model=model_cfg, optim=typed.optim)
+
+    loggers = build_loggers(cfg)
+    callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values()]
+    trainer: L.Trainer = hydra.utils.instantiate(
+        cfg.trainer, logger=loggers or False, callbacks=callbacks
+    )
+
+    out_dir = cfg.paths.output_dir
+    if trainer.is_global_zero:
+        os.makedirs(out_dir, exist_ok=True)
+        OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
+    n_params = task.model.num_params()
+    for logger in trainer.loggers:
+        logger.log_hyperparams(
+            OmegaConf.to_container(cfg, resolve=True)
+            | {
+                "params/total": n_params,
+                "params/non_embedding": task.model.num_params(exclude_position_embeddings=True)
+                - task.model.tok_emb.weight.numel(),
+            }
+        )
+    try:
+        trainer.fit(task, datamodule=dm, ckpt_path=cfg.ckpt_path)
+    finally:
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._experiment is not None:
+                logger.experiment.finish()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    if trainer.is_global_zero:
+        report(trainer, metrics, out_dir)
+    return metrics
+
+
+def report(trainer, metrics: dict, out_dir: str) -> None:
+    lines = [f"run directory: {out_dir}"]
+    if "val/loss" in metrics:
+        lines.append(
+            f"val/loss {metrics['val/loss']:.4f}  val/ppl {metrics.get('val/ppl', float('nan')):.3f}"
+        )
+    ckpt = trainer.checkpoint_callback
+    if ckpt is not None and ckpt.best_model_path:
+        lines.append(f"best checkpoint: {ckpt.best_model_path}")
+    wandb_dir = os.path.join(out_dir, "wandb")
+    offline = (
+        sorted(d for d in os.listdir(wandb_dir) if d.startswith("offline-run"))
+        if os.path.isdir(wandb_dir)
+        else []
+    )
+    if offline:
+        lines.append(
+            f"W&B offline run: upload with `wandb sync {os.path.join(wandb_dir, offline[-1])}`"
+        )
+    print("\n".join(lines), flush=True)
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
+@reports_errors
+def main(cfg: DictConfig) -> float | None:
+    metrics = train(cfg)
+    return metrics.get("val/loss")  # the objective of Hydra sweepers
+
+
+if __name__ == "__main__":
+    sys.exit(main())

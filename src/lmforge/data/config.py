@@ -1,0 +1,29 @@
+"""Typed settings of a token data set (importable without Lightning, for early validation)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from lmforge.data.prepare import PrepareConfig
+from lmforge.errors import LMForgeError
+
+
+@dataclass
+class DataConfig:
+    """Where the tokens are and how batches are cut from them."""
+
+    dir: str  # prepared token set (meta.json, *.bin, tokenizer.json)
+    prepare: PrepareConfig | None = None  # if set, `dir` is (re)built from it when missing or stale
+    batch_size: int = 12  # sequences per device per micro-batch
+    seq_len: int = 64  # tokens per sequence; at most model.block_size
+    val_batch_size: int | None = None  # default: batch_size
+    max_val_windows: int | None = None  # cap the validation sweep (default: the whole split)
+    num_workers: int = 0  # DataLoader worker processes
+    pin_memory: bool = True  # only takes effect on CUDA
+
+    def __post_init__(self) -> None:
+        for name in ("batch_size", "seq_len"):
+            if getattr(self, name) <= 0:
+                raise LMForgeError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.num_workers < 0:
+            raise LMForgeError(f"data.num_workers must be >= 0, got {self.num_workers}")

@@ -1,0 +1,115 @@
+"""Datasets over memory-mapped token shards.
+
+Training draws random windows; the windows of micro-batch ``s`` are a function of
+``(seed, rank, s)`` alone, so the data order is reproducible and a run can restart at any step.
+Validation sweeps fixed, non-overlapping windows in order.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
+
+from lmforge.data.prepare import read_meta
+from lmforge.errors import LMForgeError
+
+
+def open_split(data_dir: str | Path, split: str) -> list[np.memmap]:
+    """Memory-map every shard of ``split``, checking sizes against ``meta.json``."""
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir)
+    if split not in meta["splits"]:
+        raise LMForgeError(f"{data_dir}/meta.json has no split {split!r}: re-run lmforge-prepare")
+    dtype = np.dtype(meta["dtype"])
+    shards = []
+    for s in meta["splits"][split]["shards"]:
+        path = data_dir / s["file"]
+        if not path.is_file():
+            raise LMForgeError(f"shard {path} is missing: re-run lmforge-prepare for {data_dir}")
+        size = path.stat().st_size
+        if size != s["tokens"] * dtype.itemsize:
+            raise LMForgeError(
+                f"shard {path} holds {size // dtype.itemsize} tokens but meta.json says {s['tokens']}:"
+                " the shard is truncated or stale, re-run lmforge-prepare"
+            )
+        if s["tokens"]:
+            shards.append(np.memmap(path, dtype=dtype, mode="r"))
+    return shards
+
+
+class RandomWindows(IterableDataset):
+    """An endless stream of (x, y) batches of random windows, ``y`` shifted by one token.
+
+    Yields whole batches (use ``DataLoader(batch_size=None)``). Windows never cross shard
+    boundaries; every valid start position in every shard is equally likely.
+    """
+
+    def __init__(
+        self,
+        shards: list[np.memmap],
+        seq_len: int,
+        batch_size: int,
+        seed: int,
+        rank: int = 0,
+        start_step: int = 0,
+    ) -> None:
+        self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
+        self.seed, self.rank, self.start_step = seed, rank, start_step
+        starts = np.array([max(len(s) - seq_len, 0) for s in shards], dtype=np.int64)
+        if starts.sum() == 0:
+            raise LMForgeError(
+                f"no training shard is longer than seq_len={seq_len} + 1 tokens: lower data.seq_len"
+                " or prepare more data"
+            )
+        self.cum_starts = np.cumsum(starts)
+
+    def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, self.rank, step])
+        pos = rng.integers(0, self.cum_starts[-1], size=self.batch_size)
+        shard_ids = np.searchsorted(self.cum_starts, pos, side="right")
+        offs = pos - np.concatenate([[0], self.cum_starts[:-1]])[shard_ids]
+        window = np.arange(self.seq_len + 1)
+        rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
+        for sid in np.unique(shard_ids):
+            sel = shard_ids == sid
+            rows[sel] = self.shards[sid][offs[sel, None] + window]  # (n, seq_len + 1)
+        t = torch.from_numpy(rows)
+        return t[:, :-1], t[:, 1:]
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += n_workers
+
+
+class SequentialWindows(Dataset):
+    """Non-overlapping windows of ``seq_len + 1`` tokens in order, sharing one token at each seam."""
+
+    def __init__(
+        self, shards: list[np.memmap], seq_len: int, max_windows: int | None = None
+    ) -> None:
+        self.shards, self.seq_len = shards, seq_len
+        self.index = [
+            (i, j * seq_len) for i, s in enumerate(shards) for j in range((len(s) - 1) // seq_len)
+        ]
+        if max_windows is not None:
+            self.index = self.index[:max_windows]
+        if not self.index:
+            raise LMForgeError(
+                f"validation split is shorter than seq_len={seq_len} + 1 tokens:"
+                " lower data.seq_len or raise data.prepare.val_fraction"
+            )
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        shard, off = self.index[i]
+        t = torch.from_numpy(self.shards[shard][off : off + self.seq_len + 1].astype(np.int64))
+        return t[:-1], t[1:]

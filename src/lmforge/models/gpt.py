@@ -1,0 +1,187 @@
+"""A GPT in plain PyTorch: pre-LayerNorm decoder blocks over one causal attention module.
+
+GPT-2 layout (learned positions, GELU-tanh MLP, tied embeddings); rotary positions as an option.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lmforge.models.layers import MLP, Attention, KVCache, rotary_tables
+
+
+@dataclass
+class GPTConfig:
+    """Shape and options of a GPT. Derived fields are computed in ``__post_init__``."""
+
+    vocab_size: int = 50257  # tokenizer size; the embedding is padded beyond it
+    block_size: int = 1024  # longest context the model handles
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * n_embd
+    dropout: float = 0.0
+    bias: bool = True  # biases in Linear layers and LayerNorms
+    pos_emb: str = "learned"  # "learned" (GPT-2) or "rotary"
+    rope_base: float = 10000.0
+    gelu_approximate: str = "tanh"  # "tanh" is GPT-2's gelu_new; "none" is the exact erf GELU
+    ln_eps: float = 1e-5
+    tie_weights: bool = True  # lm_head shares the token embedding
+    pad_vocab_multiple: int = 64  # embedding rows padded to a multiple of this (fast matmuls)
+    padded_vocab_size: int = field(init=False)
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if self.pos_emb not in ("learned", "rotary"):
+            raise ValueError(
+                f"GPTConfig.pos_emb must be 'learned' or 'rotary', got {self.pos_emb!r}"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
+        m = self.pad_vocab_multiple
+        self.padded_vocab_size = (self.vocab_size + m - 1) // m * m
+        self.head_dim = self.n_embd // self.n_head
+
+
+class Block(nn.Module):
+    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
+        self.attn = Attention(config.n_embd, config.n_head, config.dropout, config.bias)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
+        self.mlp = MLP(
+            config.n_embd,
+            config.mlp_ratio * config.n_embd,
+            config.dropout,
+            config.bias,
+            config.gelu_approximate,
+        )
+
+    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, past: int = 0):
+        x = x + self.attn(self.ln_1(x), causal=True, rope=rope, cache=cache, layer=layer, past=past)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.padded_vocab_size, config.n_embd)
+        self.pos_emb = (
+            nn.Embedding(config.block_size, config.n_embd) if config.pos_emb == "learned" else None
+        )
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
+        self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
+        if config.pos_emb == "rotary":
+            cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_base)
+            self.register_buffer("rope_cos", cos, persistent=False)
+            self.register_buffer("rope_sin", sin, persistent=False)
+        self.reset_parameters()
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight  # the one place weights are tied
+
+    def reset_parameters(self) -> None:
+        """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def num_params(self, exclude_position_embeddings: bool = False) -> int:
+        """Parameter count, tied weights counted once."""
+        n = sum(p.numel() for p in self.parameters())
+        if exclude_position_embeddings and self.pos_emb is not None:
+            n -= self.pos_emb.weight.numel()
+        return n
+
+    def flops_per_token(self, seq_len: int | None = None) -> int:
+        """Training FLOPs per token (forward + backward), PaLM appendix B: 6N + 12·L·H·Q·T.
+
+        N counts every weight that takes part in a matmul per token (the tied token embedding
+        does, as the output projection; learned position embeddings do not).
+        """
+        c = self.config
+        T = seq_len or c.block_size
+        N = self.num_params(exclude_position_embeddings=True)
+        return 6 * N + 12 * c.n_layer * c.n_head * c.head_dim * T
+
+    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids ``idx`` (B, T); padded vocabulary rows dropped."""
+        B, T = idx.shape
+        past = cache.seq_len if cache is not None else 0
+        if past + T > self.config.block_size:
+            raise ValueError(
+                f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}"
+            )
+        x = self.tok_emb(idx)  # (B, T, n_embd)
+        rope = None
+        if self.pos_emb is not None:
+            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
+        else:
+            rope = (self.rope_cos, self.rope_sin)
+        x = self.drop(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, rope=rope, cache=cache, layer=i, past=past)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, padded_vocab_size)
+        return logits[..., : self.config.vocab_size]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Sample ``max_new_tokens`` after ``idx`` (B, T). ``temperature=0`` is greedy decoding.
+
+        Uses a KV cache while the sequence fits in ``block_size``; past that, the context is
+        cropped to the last ``block_size`` tokens and re-encoded each step.
+        """
+        cache = KVCache()
+        next_input = idx[:, -self.config.block_size :]
+        for _ in range(max_new_tokens):
+            if cache.seq_len + next_input.size(1) > self.config.block_size:
+                cache = KVCache()
+                next_input = idx[:, -self.config.block_size :]
+            logits = self(next_input, cache=cache)[:, -1, :]  # (B, vocab_size)
+            if temperature == 0:
+                nxt = logits.argmax(dim=-1, keepdim=True)
+            else:
+                logits = logits / temperature
+                if top_k is not None:
+                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+                    logits = logits.masked_fill(logits < kth, float("-inf"))
+                probs = F.softmax(logits.float(), dim=-1)
+                nxt = torch.multinomial(probs, 1, generator=generator)
+            idx = torch.cat([idx, nxt], dim=1)
+            next_input = nxt
+        return idx

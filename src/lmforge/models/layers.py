@@ -1,0 +1,123 @@
+"""Building blocks shared by every model family: the one attention module, the MLP, rotary."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class KVCache:
+    """Keys and values of the positions already seen, one entry per layer, for incremental decoding."""
+
+    def __init__(self) -> None:
+        self.layers: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    @property
+    def seq_len(self) -> int:
+        return 0 if not self.layers else self.layers[0][0].size(2)
+
+    def update(
+        self, layer: int, k: torch.Tensor, v: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if layer in self.layers:
+            k_old, v_old = self.layers[layer]
+            k, v = torch.cat([k_old, k], dim=2), torch.cat([v_old, v], dim=2)
+        self.layers[layer] = (k, v)
+        return k, v
+
+
+def rotary_tables(
+    head_dim: int, max_len: int, base: float = 10000.0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables for rotary position embeddings (half-split layout, as in GPT-NeoX/Llama)."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
+    angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (B, n_head, T, head_dim) by the tables sliced to its positions (T, head_dim)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat([-x2, x1], dim=-1)
+    return (x * cos + rotated * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Multi-head self-attention on ``F.scaled_dot_product_attention``.
+
+    The one attention module of lmforge: causal for GPT (``is_causal``), bidirectional with a
+    padding mask for BERT. On CUDA with bf16/fp16 and no explicit mask, SDPA dispatches to the
+    flash kernel.
+    """
+
+    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
+        super().__init__()
+        if n_embd % n_head:
+            raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
+        self.n_head = n_head
+        self.head_dim = n_embd // n_head
+        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
+        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.dropout = dropout
+        self.resid_dropout = nn.Dropout(dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        *,
+        causal: bool,
+        attn_mask: torch.Tensor | None = None,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        past: int = 0,
+    ) -> torch.Tensor:
+        """``past`` is the number of positions already in ``cache`` before this forward pass."""
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        if rope is not None:
+            cos, sin = rope[0][past : past + T], rope[1][past : past + T]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(layer, k, v)  # (B, n_head, past + T, head_dim)
+        if causal and past > 0:
+            # Queries sit at positions past..past+T-1 and see every key up to their own position.
+            if T > 1:
+                attn_mask = torch.ones(T, past + T, dtype=torch.bool, device=x.device).tril(past)
+            causal = False
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=attn_mask,
+            dropout_p=self.dropout if self.training else 0.0,
+            is_causal=causal and attn_mask is None,
+        )  # (B, n_head, T, head_dim)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.proj(y))
+
+
+class MLP(nn.Module):
+    """Two linear layers with a GELU between them, 4x wide by default."""
+
+    def __init__(
+        self,
+        n_embd: int,
+        hidden: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        approximate: str = "none",
+    ) -> None:
+        super().__init__()
+        self.fc = nn.Linear(n_embd, hidden, bias=bias)
+        self.act = nn.GELU(approximate=approximate)
+        self.proj = nn.Linear(hidden, n_embd, bias=bias)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))

@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny corpus, composed configs, W&B kept offline inside the test's tmp dir."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, open_dict
+
+import lmforge.cli  # noqa: F401  (registers the lmforge_root resolver)
+from lmforge.config import CONF_DIR
+
+ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = ROOT / "data" / "tinyshakespeare" / "input.txt"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _offline_wandb(tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_text(tmp_path_factory) -> Path:
+    """The first 60 kB of Tiny Shakespeare."""
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(SHAKESPEARE.read_text()[:60_000])
+    return path
+
+
+def compose_train(overrides: list[str], tmp_path: Path, config_name: str = "train") -> DictConfig:
+    """Compose a config as `lmforge-train` would, with every output under ``tmp_path``."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name=config_name,
+            return_hydra_config=True,
+            overrides=[f"paths.log_dir={tmp_path}/logs", *overrides],
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(tmp_path / "run")
+        del cfg.hydra
+    return cfg
+
+
+@pytest.fixture
+def train_cfg(tmp_path, tiny_text):
+    """A builder of tiny training configs on the tiny corpus (char tokens, gpt-nano)."""
+
+    def make(*overrides: str) -> DictConfig:
+        return compose_train(
+            [
+                "model=gpt-nano",
+                f"data.dir={tmp_path}/data",
+                f"data.prepare.source={tiny_text}",
+                "trainer.enable_model_summary=false",
+                *overrides,
+            ],
+            tmp_path,
+        )
+
+    return make
+
+
+def pytest_collection_modifyitems(config, items):
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".pytest_cache" / "inductor"))

@@ -1,0 +1,119 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from lmforge.data.datasets import RandomWindows, SequentialWindows, open_split
+from lmforge.data.prepare import PrepareConfig, prepare, read_meta
+from lmforge.data.tokenizer import load_tokenizer
+from lmforge.errors import LMForgeError
+
+
+@pytest.mark.parametrize("kind", ["char", "bpe"])
+def test_shards_round_trip_to_source(tmp_path, tiny_text, kind):
+    meta = prepare(PrepareConfig(source=str(tiny_text), tokenizer=kind, vocab_size=300), tmp_path)
+    tok = load_tokenizer(tmp_path / "tokenizer.json")
+    text = tiny_text.read_text()
+    cut = int(len(text) * 0.9)
+    decoded = {
+        split: tok.decode(np.fromfile(tmp_path / f"{split}.bin", dtype=meta["dtype"]).tolist())
+        for split in ("train", "val")
+    }
+    assert decoded["train"] == text[:cut]
+    assert decoded["val"] == text[cut:]
+    assert meta["vocab_size"] == tok.get_vocab_size()
+    if kind == "bpe":
+        assert meta["vocab_size"] == 300
+
+
+def test_meta_counts_equal_shard_sizes(tmp_path, tiny_text):
+    meta = prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    for split in meta["splits"].values():
+        for shard in split["shards"]:
+            n = (tmp_path / shard["file"]).stat().st_size // np.dtype(meta["dtype"]).itemsize
+            assert n == shard["tokens"]
+        assert split["tokens"] == sum(s["tokens"] for s in split["shards"])
+    assert meta["dtype"] == "uint16"
+    assert read_meta(tmp_path) == meta
+
+
+def test_char_ids_follow_sorted_alphabet(tmp_path, tiny_text):
+    prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    vocab = load_tokenizer(tmp_path / "tokenizer.json").get_vocab()
+    chars = sorted(set(tiny_text.read_text()))
+    assert [vocab[c] for c in chars] == list(range(len(chars)))
+
+
+def test_prepare_is_a_no_op_when_up_to_date_and_redoes_on_change(tmp_path, tiny_text):
+    cfg = PrepareConfig(source=str(tiny_text))
+    prepare(cfg, tmp_path)
+    mtime = (tmp_path / "train.bin").stat().st_mtime_ns
+    prepare(cfg, tmp_path)
+    assert (tmp_path / "train.bin").stat().st_mtime_ns == mtime
+    meta = prepare(PrepareConfig(source=str(tiny_text), val_fraction=0.2), tmp_path)
+    assert meta["fingerprint"]["settings"]["val_fraction"] == 0.2
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_bad_sources_fail_with_clear_errors(tmp_path):
+    with pytest.raises(LMForgeError, match="not found"):
+        prepare(PrepareConfig(source=str(tmp_path / "missing.txt")), tmp_path / "out")
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    with pytest.raises(LMForgeError, match="empty"):
+        prepare(PrepareConfig(source=str(empty)), tmp_path / "out")
+    binary = tmp_path / "bin.txt"
+    binary.write_bytes(b"abc\xff\xfe\x00")
+    with pytest.raises(LMForgeError, match="UTF-8"):
+        prepare(PrepareConfig(source=str(binary)), tmp_path / "out")
+    assert not (tmp_path / "out" / "meta.json").exists()
+
+
+def test_truncated_shard_is_refused(tmp_path, tiny_text):
+    prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    with open(tmp_path / "val.bin", "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(LMForgeError, match="truncated"):
+        open_split(tmp_path, "val")
+
+
+def test_random_windows_are_a_function_of_seed_rank_step(tmp_path, tiny_text):
+    prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    shards = open_split(tmp_path, "train")
+    a = RandomWindows(shards, seq_len=16, batch_size=4, seed=1)
+    x5, y5 = a.batch(5)
+    assert torch.equal(x5[:, 1:], y5[:, :-1])  # targets are inputs shifted by one
+    it = iter(RandomWindows(shards, 16, 4, seed=1, start_step=5))
+    assert torch.equal(next(it)[0], x5)
+    assert not torch.equal(RandomWindows(shards, 16, 4, seed=1, rank=1).batch(5)[0], x5)
+    assert not torch.equal(a.batch(6)[0], x5)
+
+
+def test_random_windows_cover_every_shard(tmp_path):
+    shards = [np.full(50, 1, dtype=np.uint16), np.full(30, 2, dtype=np.uint16)]
+    ds = RandomWindows(shards, seq_len=9, batch_size=400, seed=0)
+    x, _ = ds.batch(0)
+    rows = set(x[:, 0].tolist())
+    assert rows == {1, 2}  # windows stay inside one shard, both shards drawn
+    assert all(len(set(r.tolist())) == 1 for r in x)
+
+
+def test_validation_windows_sweep_in_order(tmp_path, tiny_text):
+    meta = prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    ds = SequentialWindows(open_split(tmp_path, "val"), seq_len=32)
+    assert len(ds) == (meta["splits"]["val"]["tokens"] - 1) // 32
+    x0, y0 = ds[0]
+    x1, _ = ds[1]
+    assert torch.equal(x1[0], y0[-1])  # consecutive windows share the seam token
+    raw = np.fromfile(tmp_path / "val.bin", dtype=np.uint16)
+    assert x0.tolist() == raw[:32].tolist()
+
+
+def test_meta_json_marks_completion(tmp_path, tiny_text):
+    prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    assert meta["sources"][0]["sha256"] == meta["fingerprint"]["source_sha256"]
+    (tmp_path / "meta.json").unlink()
+    with pytest.raises(LMForgeError, match="prepare the data first"):
+        open_split(tmp_path, "train")
