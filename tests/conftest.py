@@ -60,7 +60,7 @@ def train_cfg(tmp_path, tiny_text):
             [
                 "model=gpt-nano",
                 f"data.dir={tmp_path}/data",
-                f"data.prepare.source={tiny_text}",
+                f"data.prepare.source.paths=[{tiny_text}]",
                 "trainer.enable_model_summary=false",
                 *overrides,
             ],

@@ -19,6 +19,7 @@ def options(group: str) -> list[str]:
 GROUPS = [
     "model",
     "data",
+    "data/source",
     "task",
     "trainer",
     "logger",
@@ -42,12 +43,38 @@ def test_every_group_has_options():
         assert options(group), group
 
 
+def small_slice(paths: list[str], dest: Path) -> str:
+    """The first 2 MB of documents of a large JSONL corpus, so a fast dev run need not read it all."""
+    import json
+    import lzma
+
+    src = paths[0]
+    if not Path(src).is_file():
+        pytest.skip(f"{src} is not here (../shared/data is not beside the checkout)")
+    out, size = dest / "slice.jsonl", 0
+    opener = lzma.open if src.endswith(".xz") else open
+    with opener(src, "rt") as f, open(out, "w") as w:
+        for line in f:
+            text = json.loads(line)["text"][:200_000]
+            w.write(json.dumps({"text": text}) + "\n")
+            size += len(text)
+            if size > 2_000_000:
+                break
+    return str(out)
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_factory):
     data_root = tmp_path_factory.getbasetemp() / "experiment-data"
-    cfg = compose_train(
-        [f"experiment={experiment}", "debug=fdr", f"data.dir={data_root}/{experiment}"], tmp_path
-    )
+    overrides = [f"experiment={experiment}", "debug=fdr", f"data.dir={data_root}/{experiment}"]
+    cfg = compose_train(overrides, tmp_path)
+    paths = list(cfg.data.prepare.source.paths)
+    if any(p.startswith(str(cfg.paths.shared_data_dir)) for p in paths):
+        overrides += [
+            f"data.prepare.source.paths=[{small_slice(paths, tmp_path)}]",
+            "data.prepare.tokenizer.vocab_size=1024",
+        ]
+        cfg = compose_train(overrides, tmp_path)
     metrics = train(cfg)
     assert metrics["train/loss"] > 0
 

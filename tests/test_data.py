@@ -6,13 +6,26 @@ import torch
 
 from lmforge.data.datasets import RandomWindows, SequentialWindows, open_split
 from lmforge.data.prepare import PrepareConfig, prepare, read_meta
-from lmforge.data.tokenizer import load_tokenizer
+from lmforge.data.sources import SourceConfig
+from lmforge.data.tokenizer import TokenizerConfig, load_tokenizer
 from lmforge.errors import LMForgeError
+
+
+def text_cfg(path, kind="char", **kw) -> PrepareConfig:
+    """A single text file split nanoGPT-style: the last 10% of the text is validation."""
+    return PrepareConfig(
+        source=SourceConfig(kind="text_files", paths=[str(path)]),
+        tokenizer=TokenizerConfig(kind=kind, vocab_size=kw.pop("vocab_size", 8192)),
+        split="tail",
+        append_eot=False,
+        progress=False,
+        **kw,
+    )
 
 
 @pytest.mark.parametrize("kind", ["char", "bpe"])
 def test_shards_round_trip_to_source(tmp_path, tiny_text, kind):
-    meta = prepare(PrepareConfig(source=str(tiny_text), tokenizer=kind, vocab_size=300), tmp_path)
+    meta = prepare(text_cfg(tiny_text, kind, vocab_size=300), tmp_path)
     tok = load_tokenizer(tmp_path / "tokenizer.json")
     text = tiny_text.read_text()
     cut = int(len(text) * 0.9)
@@ -28,50 +41,52 @@ def test_shards_round_trip_to_source(tmp_path, tiny_text, kind):
 
 
 def test_meta_counts_equal_shard_sizes(tmp_path, tiny_text):
-    meta = prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    meta = prepare(text_cfg(tiny_text), tmp_path)
     for split in meta["splits"].values():
         for shard in split["shards"]:
             n = (tmp_path / shard["file"]).stat().st_size // np.dtype(meta["dtype"]).itemsize
             assert n == shard["tokens"]
         assert split["tokens"] == sum(s["tokens"] for s in split["shards"])
     assert meta["dtype"] == "uint16"
+    assert meta["splits"]["train"]["tokens"] != 0
     assert read_meta(tmp_path) == meta
 
 
 def test_char_ids_follow_sorted_alphabet(tmp_path, tiny_text):
-    prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    prepare(text_cfg(tiny_text), tmp_path)
     vocab = load_tokenizer(tmp_path / "tokenizer.json").get_vocab()
     chars = sorted(set(tiny_text.read_text()))
     assert [vocab[c] for c in chars] == list(range(len(chars)))
+    assert vocab["<|endoftext|>"] == len(chars)
 
 
 def test_prepare_is_a_no_op_when_up_to_date_and_redoes_on_change(tmp_path, tiny_text):
-    cfg = PrepareConfig(source=str(tiny_text))
+    cfg = text_cfg(tiny_text)
     prepare(cfg, tmp_path)
     mtime = (tmp_path / "train.bin").stat().st_mtime_ns
     prepare(cfg, tmp_path)
     assert (tmp_path / "train.bin").stat().st_mtime_ns == mtime
-    meta = prepare(PrepareConfig(source=str(tiny_text), val_fraction=0.2), tmp_path)
+    meta = prepare(text_cfg(tiny_text, val_fraction=0.2), tmp_path)
     assert meta["fingerprint"]["settings"]["val_fraction"] == 0.2
-    assert not list(tmp_path.glob("*.tmp"))
+    assert not list(tmp_path.glob("*.tmp")) and not list(tmp_path.parent.glob(".*tmp-*"))
 
 
 def test_bad_sources_fail_with_clear_errors(tmp_path):
-    with pytest.raises(LMForgeError, match="not found"):
-        prepare(PrepareConfig(source=str(tmp_path / "missing.txt")), tmp_path / "out")
+    with pytest.raises(LMForgeError, match="no files match"):
+        prepare(text_cfg(tmp_path / "missing.txt"), tmp_path / "out")
     empty = tmp_path / "empty.txt"
     empty.write_text("  \n")
     with pytest.raises(LMForgeError, match="empty"):
-        prepare(PrepareConfig(source=str(empty)), tmp_path / "out")
+        prepare(text_cfg(empty), tmp_path / "out")
     binary = tmp_path / "bin.txt"
     binary.write_bytes(b"abc\xff\xfe\x00")
-    with pytest.raises(LMForgeError, match="UTF-8"):
-        prepare(PrepareConfig(source=str(binary)), tmp_path / "out")
+    with pytest.raises(LMForgeError, match="binary"):
+        prepare(text_cfg(binary), tmp_path / "out")
     assert not (tmp_path / "out" / "meta.json").exists()
 
 
 def test_truncated_shard_is_refused(tmp_path, tiny_text):
-    prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    prepare(text_cfg(tiny_text), tmp_path)
     with open(tmp_path / "val.bin", "r+b") as f:
         f.truncate(100)
     with pytest.raises(LMForgeError, match="truncated"):
@@ -79,7 +94,7 @@ def test_truncated_shard_is_refused(tmp_path, tiny_text):
 
 
 def test_random_windows_are_a_function_of_seed_rank_step(tmp_path, tiny_text):
-    prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    prepare(text_cfg(tiny_text), tmp_path)
     shards = open_split(tmp_path, "train")
     a = RandomWindows(shards, seq_len=16, batch_size=4, seed=1)
     x5, y5 = a.batch(5)
@@ -100,7 +115,7 @@ def test_random_windows_cover_every_shard(tmp_path):
 
 
 def test_validation_windows_sweep_in_order(tmp_path, tiny_text):
-    meta = prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    meta = prepare(text_cfg(tiny_text), tmp_path)
     ds = SequentialWindows(open_split(tmp_path, "val"), seq_len=32)
     assert len(ds) == (meta["splits"]["val"]["tokens"] - 1) // 32
     x0, y0 = ds[0]
@@ -111,9 +126,11 @@ def test_validation_windows_sweep_in_order(tmp_path, tiny_text):
 
 
 def test_meta_json_marks_completion(tmp_path, tiny_text):
-    prepare(PrepareConfig(source=str(tiny_text)), tmp_path)
+    prepare(text_cfg(tiny_text), tmp_path)
     meta = json.loads((tmp_path / "meta.json").read_text())
-    assert meta["sources"][0]["sha256"] == meta["fingerprint"]["source_sha256"]
+    import hashlib
+
+    assert meta["sources"][0]["sha256"] == hashlib.sha256(tiny_text.read_bytes()).hexdigest()
     (tmp_path / "meta.json").unlink()
     with pytest.raises(LMForgeError, match="prepare the data first"):
         open_split(tmp_path, "train")

@@ -56,7 +56,8 @@ def build(node: DictConfig | dict, path: str, cls: type[T] | None = None, **over
         msg = str(e).splitlines()[0]
         raise LMForgeError(f"{path}.{key}: {msg}" if key else f"{path}: {msg}") from None
     except ValueError as e:  # raised by __post_init__ checks
-        raise LMForgeError(str(e) if str(e).startswith(path) else f"{path}: {e}") from None
+        msg = str(e).splitlines()[0]
+        raise LMForgeError(msg if msg.startswith(path) else f"{path}: {msg}") from None
     if derived:  # OmegaConf sets init=False fields after construction; compute them again
         obj.__post_init__()
     return obj

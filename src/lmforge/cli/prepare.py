@@ -1,4 +1,4 @@
-"""lmforge-prepare: tokenize a corpus into token shards (``lmforge-prepare data=shakespeare_bpe``)."""
+"""lmforge-prepare: tokenize a corpus into token shards (``lmforge-prepare data=gutenberg_bpe``)."""
 
 from __future__ import annotations
 
@@ -21,10 +21,17 @@ def main(cfg: DictConfig) -> None:
             f"data config for {data.dir} has no `prepare` section: nothing to build it from"
         )
     meta = prepare(data.prepare, data.dir, force=cfg.force)
+    docs = meta["documents"]
     print(
-        f"prepared {data.dir}: vocab {meta['vocab_size']} ({meta['dtype']}), "
-        + ", ".join(f"{k} {v['tokens']:,} tokens" for k, v in meta["splits"].items())
+        f"{data.dir}: vocab {meta['vocab_size']:,} ({meta['dtype']}), {docs['read']:,} documents read, "
+        f"{docs['duplicates_removed']:,} duplicates and {docs['too_short']:,} too short removed"
     )
+    for name, split in meta["splits"].items():
+        print(
+            f"  {name}: {split['documents']:,} documents, {split['tokens']:,} tokens in {len(split['shards'])} shard(s)"
+        )
+    t = meta["throughput"]
+    print(f"  {t['text_mb_per_s']} MB/s, {t['tokens_per_s']:,} tokens/s over {t['seconds']} s")
 
 
 if __name__ == "__main__":

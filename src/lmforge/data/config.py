@@ -18,6 +18,9 @@ class DataConfig:
     seq_len: int = 64  # tokens per sequence; at most model.block_size
     val_batch_size: int | None = None  # default: batch_size
     max_val_windows: int | None = None  # cap the validation sweep (default: the whole split)
+    align_to_documents: bool = (
+        False  # start training windows at document starts (default: anywhere)
+    )
     num_workers: int = 0  # DataLoader worker processes
     pin_memory: bool = True  # only takes effect on CUDA
 

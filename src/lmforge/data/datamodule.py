@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import lightning as L
 from torch.utils.data import DataLoader
 
 from lmforge.data.config import DataConfig
-from lmforge.data.datasets import RandomWindows, SequentialWindows, open_split
+from lmforge.data.datasets import RandomWindows, SequentialWindows, document_starts, open_split
 from lmforge.data.prepare import prepare, read_meta
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LMForgeError
@@ -26,11 +27,11 @@ class TokenDataModule(L.LightningDataModule):
         if self.config.prepare is not None:
             prepare(self.config.prepare, self.config.dir)
 
-    @property
+    @functools.cached_property
     def meta(self) -> dict:
         return read_meta(self.config.dir)
 
-    @property
+    @functools.cached_property
     def tokenizer(self):
         return load_tokenizer(Path(self.config.dir) / self.meta["tokenizer"]["file"])
 
@@ -38,8 +39,14 @@ class TokenDataModule(L.LightningDataModule):
         c = self.config
         rank = self.trainer.global_rank if self.trainer is not None else 0
         if stage in ("fit", None):
+            starts = document_starts(c.dir, "train") if c.align_to_documents else None
             self.train_set = RandomWindows(
-                open_split(c.dir, "train"), c.seq_len, c.batch_size, self.seed, rank
+                open_split(c.dir, "train"),
+                c.seq_len,
+                c.batch_size,
+                self.seed,
+                rank,
+                doc_starts=starts,
             )
         self.val_set = SequentialWindows(open_split(c.dir, "val"), c.seq_len, c.max_val_windows)
 

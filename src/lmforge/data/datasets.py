@@ -2,7 +2,8 @@
 
 Training draws random windows; the windows of micro-batch ``s`` are a function of
 ``(seed, rank, s)`` alone, so the data order is reproducible and a run can restart at any step.
-Validation sweeps fixed, non-overlapping windows in order.
+Windows run across document boundaries (as nanoGPT's) or, as an option, start at a document's
+first token. Validation sweeps fixed, non-overlapping windows in order.
 """
 
 from __future__ import annotations
@@ -40,11 +41,24 @@ def open_split(data_dir: str | Path, split: str) -> list[np.memmap]:
     return shards
 
 
+def document_starts(data_dir: str | Path, split: str) -> np.ndarray:
+    """Offsets of each document's first token in the concatenated split."""
+    data_dir = Path(data_dir)
+    info = read_meta(data_dir)["splits"][split]
+    path = data_dir / info["index"]
+    if not path.is_file() or path.stat().st_size != 8 * info["documents"]:
+        raise LMForgeError(
+            f"document index {path} is missing or truncated: re-run lmforge-prepare for {data_dir}"
+        )
+    return np.fromfile(path, dtype=np.uint64).astype(np.int64)
+
+
 class RandomWindows(IterableDataset):
     """An endless stream of (x, y) batches of random windows, ``y`` shifted by one token.
 
     Yields whole batches (use ``DataLoader(batch_size=None)``). Windows never cross shard
-    boundaries; every valid start position in every shard is equally likely.
+    boundaries. Every valid start position in every shard is equally likely, or, with
+    ``doc_starts`` (offsets into the concatenated shards), every document start that fits.
     """
 
     def __init__(
@@ -55,22 +69,38 @@ class RandomWindows(IterableDataset):
         seed: int,
         rank: int = 0,
         start_step: int = 0,
+        doc_starts: np.ndarray | None = None,
     ) -> None:
         self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
         self.seed, self.rank, self.start_step = seed, rank, start_step
-        starts = np.array([max(len(s) - seq_len, 0) for s in shards], dtype=np.int64)
-        if starts.sum() == 0:
+        n_starts = np.array([max(len(s) - seq_len, 0) for s in shards], dtype=np.int64)
+        self.cum_starts = np.cumsum(n_starts)
+        self.starts = None  # (shard, offset) of every allowed start when aligned to documents
+        if doc_starts is not None:
+            bounds = np.cumsum([0] + [len(s) for s in shards])
+            shard = np.searchsorted(bounds, doc_starts, side="right") - 1
+            off = doc_starts - bounds[shard]
+            fits = off < n_starts[shard]
+            self.starts = (shard[fits], off[fits])
+        if (
+            not shards
+            or self.cum_starts[-1] == 0
+            or (self.starts is not None and not self.starts[0].size)
+        ):
             raise LMForgeError(
-                f"no training shard is longer than seq_len={seq_len} + 1 tokens: lower data.seq_len"
+                f"no training window of seq_len={seq_len} + 1 tokens fits in the data: lower data.seq_len"
                 " or prepare more data"
             )
-        self.cum_starts = np.cumsum(starts)
 
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng([self.seed, self.rank, step])
-        pos = rng.integers(0, self.cum_starts[-1], size=self.batch_size)
-        shard_ids = np.searchsorted(self.cum_starts, pos, side="right")
-        offs = pos - np.concatenate([[0], self.cum_starts[:-1]])[shard_ids]
+        if self.starts is not None:
+            pick = rng.integers(0, self.starts[0].size, size=self.batch_size)
+            shard_ids, offs = self.starts[0][pick], self.starts[1][pick]
+        else:
+            pos = rng.integers(0, self.cum_starts[-1], size=self.batch_size)
+            shard_ids = np.searchsorted(self.cum_starts, pos, side="right")
+            offs = pos - np.concatenate([[0], self.cum_starts[:-1]])[shard_ids]
         window = np.arange(self.seq_len + 1)
         rows = np.empty((self.batch_size, self.seq_len + 1), dtype=np.int64)
         for sid in np.unique(shard_ids):

@@ -1,15 +1,23 @@
-"""Turn a text corpus into memory-mappable token shards.
+"""Turn a corpus into memory-mappable token shards.
 
-Output directory layout::
+Documents stream from the source (``sources.py``), are cleaned (Unicode NFC, control
+characters dropped, a minimum length), de-duplicated by content hash, assigned to train or
+validation by a seeded hash of their content (so no document lands on both sides), tokenized
+in batches by Hugging Face ``tokenizers`` (which spreads a batch over all cores), and appended,
+each followed by an end-of-document token, to fixed-size shards.
 
-    tokenizer.json   the tokenizer (Hugging Face ``tokenizers`` format)
-    train.bin        raw token ids, uint16 (or uint32 when the vocabulary needs it)
-    val.bin
-    meta.json        written last: tokenizer kind and hash, vocab size, dtype, token counts,
-                     the source's checksum and the settings; its presence marks a complete set
+Output directory::
 
-Every file is written under a temporary name and renamed, so an interrupted run never leaves
-a set that looks complete. Re-running with the same source and settings does nothing.
+    tokenizer.json            the tokenizer
+    train.bin | train_00000.bin, train_00001.bin, ...   token ids, uint16 (uint32 for vocabularies
+    val.bin   | val_00000.bin, ...                      above 65,536); one shard keeps the plain name
+    train.idx, val.idx        uint64 offsets of each document's first token in the split
+    meta.json                 tokenizer hash, vocab size, dtype, per-split token and document counts,
+                              what cleaning removed, the sources and their checksums, the settings
+
+The set is built in a temporary directory and swapped in at the end: an interrupted run leaves
+the previous set as it was and never a set that looks complete. Re-running with the same inputs
+(paths, sizes, modification times) and settings does nothing.
 """
 
 from __future__ import annotations
@@ -17,33 +25,71 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass
+import re
+import shutil
+import time
+import unicodedata
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
+from tokenizers import Tokenizer
 
-from lmforge.data.tokenizer import KINDS, load_tokenizer, train_tokenizer
+from lmforge.data.sources import Document, SourceConfig, SourceStats, documents, source_signature
+from lmforge.data.tokenizer import (
+    TRAINED,
+    TokenizerConfig,
+    document_separator,
+    gpt2_tokenizer,
+    load_tokenizer,
+    special_ids,
+    train_tokenizer,
+)
 from lmforge.errors import LMForgeError
 
-META_FORMAT = "lmforge-tokens-v1"
+META_FORMAT = "lmforge-tokens-v2"
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # keeps \t \n \r
 
 
 @dataclass
 class PrepareConfig:
     """How a corpus becomes token shards."""
 
-    source: str  # a UTF-8 text file
-    tokenizer: str = "char"  # "char", "bpe", or the path of an existing tokenizer.json
-    vocab_size: int = 8192  # for tokenizers trained here ("bpe")
-    val_fraction: float = 0.1  # the last fraction of the text becomes the validation split
+    source: SourceConfig = field(default_factory=SourceConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    val_fraction: float = (
+        0.1  # share of documents (split=documents) or of text (split=tail) for validation
+    )
+    split: str = (
+        "documents"  # documents: seeded by content hash | tail: the last val_fraction of the text
+    )
+    seed: int = 1337  # seeds the document split
+    normalize: bool = True  # Unicode NFC
+    drop_control: bool = True  # remove control characters other than tab and newlines
+    min_chars: int = 1  # drop documents shorter than this after cleaning
+    dedup: bool = True  # drop exact duplicates (by content hash)
+    append_eot: bool = True  # end every document with <|endoftext|> (or [SEP])
+    shard_tokens: int = 1 << 28  # tokens per shard file
+    chunk_bytes: int = 4 << 20  # text per tokenizer batch
+    progress: bool = True  # a progress bar with MB/s and tokens/s
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.val_fraction < 1.0:
+            raise LMForgeError(
+                f"data.prepare.val_fraction must be in (0, 1), got {self.val_fraction}"
+            )
+        if self.split not in ("documents", "tail"):
+            raise LMForgeError(f"data.prepare.split={self.split!r}: use documents or tail")
+        for name in ("shard_tokens", "chunk_bytes"):
+            if getattr(self, name) <= 0:
+                raise LMForgeError(
+                    f"data.prepare.{name} must be positive, got {getattr(self, name)}"
+                )
 
 
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
 
 
 def atomic_write_bytes(path: Path, data: bytes) -> None:
@@ -55,15 +101,14 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def token_dtype(vocab_size: int) -> np.dtype:
-    return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
 def read_meta(out_dir: str | Path) -> dict:
     path = Path(out_dir) / "meta.json"
     if not path.is_file():
         raise LMForgeError(f"{path} not found: prepare the data first (lmforge-prepare data=...)")
-    meta = json.loads(path.read_text())
+    try:
+        meta = json.loads(path.read_text())
+    except ValueError:
+        raise LMForgeError(f"{path} is not valid JSON: re-run lmforge-prepare") from None
     if meta.get("format") != META_FORMAT:
         raise LMForgeError(
             f"{path} is not an lmforge token set ({META_FORMAT}): re-run lmforge-prepare"
@@ -71,80 +116,342 @@ def read_meta(out_dir: str | Path) -> dict:
     return meta
 
 
-def prepare(cfg: PrepareConfig, out_dir: str | Path, force: bool = False) -> dict:
-    """Prepare ``cfg.source`` into ``out_dir``; returns the metadata. A no-op when up to date."""
-    out = Path(out_dir)
-    src = Path(cfg.source)
-    if not src.is_file():
-        raise LMForgeError(f"source file {src} not found: check data.prepare.source")
-    if not 0.0 < cfg.val_fraction < 1.0:
-        raise LMForgeError(f"data.prepare.val_fraction must be in (0, 1), got {cfg.val_fraction}")
-    tok_path = Path(cfg.tokenizer)
-    if cfg.tokenizer not in KINDS and not tok_path.is_file():
-        raise LMForgeError(
-            f"data.prepare.tokenizer={cfg.tokenizer!r}: use one of {KINDS} or a tokenizer.json path"
+@dataclass
+class Counts:
+    documents: int = 0
+    duplicates: int = 0
+    too_short: int = 0
+
+
+class Cleaner:
+    """Normalises, filters and de-duplicates documents; assigns each to a split."""
+
+    def __init__(self, cfg: PrepareConfig) -> None:
+        self.cfg = cfg
+        self.seen: set[bytes] = set()
+        self.counts = Counts()
+        self.key = cfg.seed.to_bytes(8, "little", signed=True)
+
+    def clean(self, text: str) -> str:
+        if self.cfg.normalize and not unicodedata.is_normalized("NFC", text):
+            text = unicodedata.normalize("NFC", text)
+        if self.cfg.drop_control:
+            text = CONTROL.sub("", text)
+        return text
+
+    def __call__(self, docs: Iterator[Document]) -> Iterator[tuple[str, bool]]:
+        """Yields (text, is_validation) for every kept document."""
+        for doc in docs:
+            self.counts.documents += 1
+            text = self.clean(doc.text)
+            if len(text.strip()) < self.cfg.min_chars:
+                self.counts.too_short += 1
+                continue
+            digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+            if self.cfg.dedup:
+                if digest in self.seen:
+                    self.counts.duplicates += 1
+                    continue
+                self.seen.add(digest)
+            u = int.from_bytes(
+                hashlib.blake2b(digest, digest_size=8, key=self.key).digest(), "little"
+            )
+            yield text, u / 2**64 < self.cfg.val_fraction
+
+
+class ShardWriter:
+    """Appends token ids to fixed-size shard files of one split; records document starts.
+
+    Tokens go straight to the open shard file (``*.bin.tmp``), renamed when the shard is full,
+    so memory does not grow with the corpus.
+    """
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int) -> None:
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.file = None
+        self.fill = 0
+        self.shards: list[dict] = []
+        self.doc_starts: list[int] = []
+        self.total = 0
+        self.documents = 0
+        self.bytes = 0
+
+    def add(self, ids: np.ndarray, n_bytes: int) -> None:
+        self.doc_starts.append(self.total)
+        self.documents += 1
+        self.bytes += n_bytes
+        self.total += ids.size
+        while ids.size:
+            if self.file is None:
+                self.file = open(self.out / f"{self._name()}.tmp", "wb")  # noqa: SIM115  (closed in flush)
+            n = min(ids.size, self.shard_tokens - self.fill)
+            self.file.write(ids[:n].tobytes())
+            self.fill += n
+            ids = ids[n:]
+            if self.fill == self.shard_tokens:
+                self.flush()
+
+    def _name(self) -> str:
+        return f"{self.split}_{len(self.shards):05d}.bin"
+
+    def flush(self) -> None:
+        if self.file is None:
+            return
+        name = self._name()
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.out / f"{name}.tmp", self.out / name)
+        self.shards.append({"file": name, "tokens": int(self.fill)})
+        self.file, self.fill = None, 0
+
+    def close(self) -> dict:
+        self.flush()
+        if len(self.shards) == 1:  # a single shard keeps the plain name (train.bin), as nanoGPT's
+            os.replace(self.out / self.shards[0]["file"], self.out / f"{self.split}.bin")
+            self.shards[0]["file"] = f"{self.split}.bin"
+        atomic_write_bytes(
+            self.out / f"{self.split}.idx", np.asarray(self.doc_starts, dtype=np.uint64).tobytes()
         )
+        return {
+            "tokens": self.total,
+            "documents": self.documents,
+            "bytes": self.bytes,
+            "shards": self.shards,
+            "index": f"{self.split}.idx",
+        }
 
-    source_sha = sha256_file(src)
-    settings = asdict(cfg) | {"source": str(src)}
-    fingerprint = {"source_sha256": source_sha, "settings": settings}
-    meta_path = out / "meta.json"
-    if meta_path.is_file() and not force:
-        old = json.loads(meta_path.read_text())
-        if old.get("fingerprint") == fingerprint and all(
-            (out / s["file"]).is_file() for split in old["splits"].values() for s in split["shards"]
-        ):
-            return old
 
-    raw = src.read_bytes()
+def tail_split(stream: Iterator[tuple[str, bool]], cut: int) -> Iterator[tuple[str, bool]]:
+    """Re-split a document stream so that the text after character ``cut`` is validation."""
+    pos = 0
+    for text, _ in stream:
+        end = pos + len(text)
+        if end <= cut:
+            yield text, False
+        elif pos >= cut:
+            yield text, True
+        else:
+            yield text[: cut - pos], False
+            yield text[cut - pos :], True
+        pos = end
+
+
+class Progress:
+    """A rich progress bar over source bytes, with text MB/s and tokens/s."""
+
+    def __init__(self, enabled: bool, total_bytes: int, label: str) -> None:
+        self.bar = None
+        self.start = time.perf_counter()
+        self.text_bytes = self.tokens = 0
+        if enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("{task.percentage:>3.0f}%"),
+                TextColumn("{task.fields[rate]}"),
+                TimeElapsedColumn(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(label, total=total_bytes or None, rate="")
+
+    def update(self, source_bytes: int, text_bytes: int = 0, tokens: int = 0) -> None:
+        self.text_bytes += text_bytes
+        self.tokens += tokens
+        if self.bar is not None:
+            dt = max(time.perf_counter() - self.start, 1e-9)
+            rate = f"{self.text_bytes / dt / 1e6:.1f} MB/s  {self.tokens / dt / 1e6:.2f} M tok/s"
+            self.bar.update(self.task, completed=source_bytes, rate=rate)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def build_tokenizer(cfg: PrepareConfig, sample: Iterator[str] | None) -> Tokenizer:
+    t = cfg.tokenizer
+    if t.kind == "file":
+        return load_tokenizer(t.path)
+    if t.kind == "gpt2":
+        return gpt2_tokenizer(t.path)
+    return train_tokenizer(sample, t)
+
+
+def limit_bytes(texts: Iterator[str], n_bytes: int) -> Iterator[str]:
+    seen = 0
+    for text in texts:
+        yield text
+        seen += len(text)
+        if seen >= n_bytes:
+            return
+
+
+def fingerprint(cfg: PrepareConfig) -> dict:
+    fp = {"format": META_FORMAT, "sources": source_signature(cfg.source), "settings": asdict(cfg)}
+    fp["settings"].pop("progress")
+    if cfg.tokenizer.kind in ("file", "gpt2"):
+        p = Path(cfg.tokenizer.path)
+        files = [p] if p.is_file() else [p / "encoder.json", p / "vocab.bpe"]
+        fp["tokenizer_files"] = [
+            [str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.exists()
+        ]
+    return fp
+
+
+def up_to_date(out: Path, fp: dict) -> dict | None:
     try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LMForgeError(
-            f"{src}: invalid UTF-8 at byte {e.start}: convert the file to UTF-8"
-        ) from None
-    if not text.strip():
-        raise LMForgeError(f"{src} is empty: point data.prepare.source at a non-empty text file")
+        meta = read_meta(out)
+    except LMForgeError:
+        return None
+    if meta.get("fingerprint") != fp:
+        return None
+    files = [s["file"] for split in meta["splits"].values() for s in split["shards"]]
+    return meta if all((out / f).is_file() for f in files) else None
 
-    cut = int(len(text) * (1.0 - cfg.val_fraction))
-    parts = {"train": text[:cut], "val": text[cut:]}
-    if cfg.tokenizer in KINDS:
-        tok = train_tokenizer(
-            [text] if cfg.tokenizer == "char" else text.splitlines(keepends=True),
-            cfg.tokenizer,
-            cfg.vocab_size,
+
+def prepare(cfg: PrepareConfig, out_dir: str | Path, force: bool = False) -> dict:
+    """Prepare the corpus of ``cfg`` into ``out_dir``; returns the metadata. A no-op when up to date."""
+    out = Path(out_dir)
+    fp = fingerprint(cfg)
+    if not force and (meta := up_to_date(out, fp)) is not None:
+        return meta
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        meta = _prepare_into(cfg, tmp, fp)
+        old = out.parent / f".{out.name}.old-{os.getpid()}"
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return meta
+
+
+def _prepare_into(cfg: PrepareConfig, out: Path, fp: dict) -> dict:
+    total_source = sum(s.get("size", 0) for s in fp["sources"])
+    cut = None
+    sample = None
+    if (
+        cfg.split == "tail"
+    ):  # a first pass measures the text (and trains the tokenizer on all of it)
+        texts = []
+        n_chars = 0
+        for text, _ in Cleaner(cfg)(documents(cfg.source, SourceStats())):
+            if cfg.tokenizer.kind in TRAINED and n_chars < cfg.tokenizer.sample_bytes:
+                texts.append(text)
+            n_chars += len(text)
+        if n_chars == 0:
+            raise LMForgeError(_empty_message(cfg))
+        cut = int(n_chars * (1.0 - cfg.val_fraction))
+        sample = iter(texts)
+    elif cfg.tokenizer.kind in TRAINED:
+        # char vocabularies must cover validation text too; learned ones train on training text
+        only_train = cfg.tokenizer.kind != "char"
+        sample = limit_bytes(
+            (
+                t
+                for t, is_val in Cleaner(cfg)(documents(cfg.source, SourceStats()))
+                if not (only_train and is_val)
+            ),
+            cfg.tokenizer.sample_bytes,
         )
-    else:
-        tok = load_tokenizer(tok_path)
+    tok = build_tokenizer(cfg, sample)
     vocab_size = tok.get_vocab_size()
     dtype = token_dtype(vocab_size)
-
-    out.mkdir(parents=True, exist_ok=True)
-    meta_path.unlink(missing_ok=True)  # the old set is no longer complete
+    eot = document_separator(tok) if cfg.append_eot else None
+    if cfg.append_eot and eot is None:
+        raise LMForgeError(
+            "the tokenizer has no <|endoftext|> or [SEP] token: add one, or set data.prepare.append_eot=false"
+        )
     tok_json = tok.to_str()
     atomic_write_bytes(out / "tokenizer.json", tok_json.encode())
-    splits = {}
-    for name, part in parts.items():
-        ids = np.asarray(tok.encode(part).ids, dtype=dtype)
-        atomic_write_bytes(out / f"{name}.bin", ids.tobytes())
-        splits[name] = {
-            "tokens": int(ids.size),
-            "chars": len(part),
-            "bytes": len(part.encode("utf-8")),
-            "shards": [{"file": f"{name}.bin", "tokens": int(ids.size)}],
-        }
+
+    stats = SourceStats()
+    cleaner = Cleaner(cfg)
+    stream = cleaner(documents(cfg.source, stats))
+    if cut is not None:
+        stream = tail_split(stream, cut)
+    writers = {name: ShardWriter(out, name, dtype, cfg.shard_tokens) for name in ("train", "val")}
+    progress = Progress(
+        cfg.progress, total_source, f"tokenizing {out.name.split('.tmp-')[0].lstrip('.')}"
+    )
+    batch: list[tuple[str, bool]] = []
+    batch_bytes = 0
+
+    def encode(batch: list[tuple[str, bool]]) -> None:
+        encodings = tok.encode_batch_fast([t for t, _ in batch], add_special_tokens=False)
+        n_tok = n_bytes = 0
+        for (text, is_val), enc in zip(batch, encodings):
+            ids = np.asarray(enc.ids, dtype=dtype)
+            if eot is not None:
+                ids = np.append(ids, np.asarray(eot, dtype=dtype))
+            nb = len(text.encode("utf-8", "surrogatepass"))
+            writers["val" if is_val else "train"].add(ids, nb)
+            n_tok += ids.size
+            n_bytes += nb
+        progress.update(stats.bytes_read, n_bytes, n_tok)
+
+    try:
+        for text, is_val in stream:
+            batch.append((text, is_val))
+            batch_bytes += len(text)
+            if batch_bytes >= cfg.chunk_bytes:
+                encode(batch)
+                batch, batch_bytes = [], 0
+        if batch:
+            encode(batch)
+    finally:
+        progress.close()
+    splits = {name: w.close() for name, w in writers.items()}
+    if splits["train"]["tokens"] == 0 and splits["val"]["tokens"] == 0:
+        raise LMForgeError(_empty_message(cfg))
+    for name in ("train", "val"):
+        if splits[name]["documents"] == 0:
+            raise LMForgeError(
+                f"the {name} split is empty ({cleaner.counts.documents} documents kept): raise"
+                " data.prepare.val_fraction, give more documents, or set data.prepare.split=tail"
+            )
+    elapsed = time.perf_counter() - progress.start
     meta = {
         "format": META_FORMAT,
         "tokenizer": {
-            "kind": cfg.tokenizer if cfg.tokenizer in KINDS else "file",
+            "kind": cfg.tokenizer.kind,
             "file": "tokenizer.json",
             "sha256": hashlib.sha256(tok_json.encode()).hexdigest(),
         },
         "vocab_size": vocab_size,
         "dtype": dtype.name,
-        "sources": [{"path": str(src), "sha256": source_sha, "bytes": len(raw)}],
+        "eot_id": eot,
+        "special_tokens": special_ids(tok),
+        "sources": stats.files,
         "splits": splits,
-        "fingerprint": fingerprint,
+        "documents": {
+            "read": cleaner.counts.documents,
+            "duplicates_removed": cleaner.counts.duplicates,
+            "too_short": cleaner.counts.too_short,
+            "bad_json_skipped": stats.bad_json,
+            "bad_utf8": stats.bad_utf8,
+            "filtered_out": stats.filtered,
+        },
+        "throughput": {
+            "seconds": round(elapsed, 3),
+            "text_mb_per_s": round(progress.text_bytes / elapsed / 1e6, 3),
+            "tokens_per_s": round(progress.tokens / elapsed),
+        },
+        "fingerprint": fp,
     }
-    atomic_write_bytes(meta_path, json.dumps(meta, indent=2).encode())
+    atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
+
+
+def _empty_message(cfg: PrepareConfig) -> str:
+    return (
+        f"no text in {', '.join(cfg.source.paths)} after cleaning: check the files, "
+        "data.prepare.source.text_field, .filter and data.prepare.min_chars"
+    )
