@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
+import warnings
 from collections.abc import Callable
 
 from omegaconf import OmegaConf
@@ -12,6 +13,7 @@ from lmforge.config import CONF_DIR
 from lmforge.errors import LMForgeError
 
 CONFIG_PATH = str(CONF_DIR)
+warnings.filterwarnings("ignore", message=".*LeafSpec.*")
 OmegaConf.register_new_resolver("lmforge_root", lambda: str(CONF_DIR.parent), replace=True)
 
 

@@ -21,17 +21,21 @@ class RunConfig:
 
     model: Any
     data: Any
-    optim: Any
+    task: dict[
+        str, Any
+    ]  # the task's typed sections (optim, masking, ...), its constructor's kwargs
 
 
 def validate(cfg: DictConfig) -> RunConfig:
     """Check every user-set field; raises LMForgeError naming the key."""
     vocab = cfg.model.get("vocab_size")
-    model = build(
-        cfg.model, "model", vocab_size=vocab or 1
-    )  # vocab checked again once data is known
+    model = build(cfg.model, "model", vocab_size=vocab or 1)  # vocab checked again with the data
     data = build(cfg.data, "data")
-    optim = build(cfg.task.optim, "task.optim")
+    sections = {
+        key: build(node, f"task.{key}")
+        for key, node in cfg.task.items()
+        if isinstance(node, DictConfig) and "_target_" in node
+    }
     if data.seq_len > model.block_size:
         raise LMForgeError(
             f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}:"
@@ -40,7 +44,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     for key in ("max_steps",):
         if cfg.trainer.get(key) is not None and cfg.trainer[key] == 0:
             raise LMForgeError(f"trainer.{key} must be positive or -1, got 0")
-    return RunConfig(model, data, optim)
+    return RunConfig(model, data, sections)
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -53,12 +57,13 @@ def train(cfg: DictConfig) -> dict:
     typed = validate(cfg)
 
     import lightning as L
+    import torch
     from lightning.pytorch.loggers import WandbLogger
 
     from lmforge.data.datamodule import TokenDataModule
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = TokenDataModule(typed.data, seed=cfg.seed)
+    dm = TokenDataModule(typed.data, seed=cfg.seed, masking=typed.task.get("masking"))
     dm.prepare_data()
     tok_vocab = dm.meta["vocab_size"]
     user_vocab = cfg.model.get("vocab_size")
@@ -69,10 +74,12 @@ def train(cfg: DictConfig) -> dict:
         )
     model_cfg = build(cfg.model, "model", vocab_size=user_vocab or tok_vocab)
     task_cls = hydra.utils.get_class(cfg.task._target_)
-    task = task_cls(model=model_cfg, optim=typed.optim)
+    task = task_cls(model=model_cfg, **typed.task)
 
     loggers = build_loggers(cfg)
-    callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values()]
+    callbacks = [
+        hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None
+    ]
     trainer: L.Trainer = hydra.utils.instantiate(
         cfg.trainer, logger=loggers or False, callbacks=callbacks
     )
@@ -82,14 +89,13 @@ def train(cfg: DictConfig) -> dict:
         os.makedirs(out_dir, exist_ok=True)
         OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
     n_params = task.model.num_params()
+    n_embedding = sum(
+        m.weight.numel() for m in task.model.modules() if isinstance(m, torch.nn.Embedding)
+    )
     for logger in trainer.loggers:
         logger.log_hyperparams(
             OmegaConf.to_container(cfg, resolve=True)
-            | {
-                "params/total": n_params,
-                "params/non_embedding": task.model.num_params(exclude_position_embeddings=True)
-                - task.model.tok_emb.weight.numel(),
-            }
+            | {"params/total": n_params, "params/non_embedding": n_params - n_embedding}
         )
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=cfg.ckpt_path)

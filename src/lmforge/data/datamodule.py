@@ -1,4 +1,8 @@
-"""LightningDataModule over a prepared token set: random windows to train, a fixed sweep to validate."""
+"""LightningDataModule over a prepared token set: random windows to train, a fixed sweep to validate.
+
+With ``masking`` set, batches are masked-LM batches (``[CLS] ... [SEP]``, dynamic 80/10/10
+masking) for BERT-style pretraining; otherwise (x, y) next-token pairs for GPT-style models.
+"""
 
 from __future__ import annotations
 
@@ -6,22 +10,34 @@ import functools
 from pathlib import Path
 
 import lightning as L
+import torch
 from torch.utils.data import DataLoader
 
 from lmforge.data.config import DataConfig
-from lmforge.data.datasets import RandomWindows, SequentialWindows, document_starts, open_split
+from lmforge.data.datasets import (
+    MLMBatches,
+    MLMValWindows,
+    RandomWindows,
+    SequentialWindows,
+    document_starts,
+    open_split,
+)
+from lmforge.data.masking import Masker, MaskingConfig
 from lmforge.data.prepare import prepare, read_meta
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LMForgeError
 
 
 class TokenDataModule(L.LightningDataModule):
-    def __init__(self, config: DataConfig, seed: int = 1337) -> None:
+    def __init__(
+        self, config: DataConfig, seed: int = 1337, masking: MaskingConfig | None = None
+    ) -> None:
         super().__init__()
         self.config = config
         self.seed = seed
-        self.train_set: RandomWindows | None = None
-        self.val_set: SequentialWindows | None = None
+        self.masking = masking
+        self.train_set: RandomWindows | MLMBatches | None = None
+        self.val_set: SequentialWindows | MLMValWindows | None = None
 
     def prepare_data(self) -> None:
         if self.config.prepare is not None:
@@ -35,20 +51,39 @@ class TokenDataModule(L.LightningDataModule):
     def tokenizer(self):
         return load_tokenizer(Path(self.config.dir) / self.meta["tokenizer"]["file"])
 
+    def masker(self) -> tuple[Masker, int, int]:
+        """The masker and the [CLS] / [SEP] ids, from the tokenizer's special tokens."""
+        tok = self.tokenizer
+        ids = {t: tok.token_to_id(t) for t in ("[CLS]", "[SEP]", "[MASK]", "[PAD]")}
+        missing = [t for t, i in ids.items() if i is None]
+        if missing:
+            raise LMForgeError(
+                f"the tokenizer of {self.config.dir} lacks {', '.join(missing)}: masked-LM data needs a"
+                " WordPiece tokenizer (data.prepare.tokenizer.kind=wordpiece)"
+            )
+        vocab = tok.get_vocab()
+        continuation = torch.zeros(tok.get_vocab_size(), dtype=torch.bool)
+        continuation[[i for t, i in vocab.items() if t.startswith("##")]] = True
+        specials = list(self.meta["special_tokens"].values())
+        masker = Masker(self.masking, tok.get_vocab_size(), ids["[MASK]"], specials, continuation)
+        return masker, ids["[CLS]"], ids["[SEP]"]
+
     def setup(self, stage: str | None = None) -> None:
         c = self.config
         rank = self.trainer.global_rank if self.trainer is not None else 0
+        # Masked-LM sequences hold [CLS] and [SEP] around the window.
+        window = c.seq_len - 2 if self.masking else c.seq_len
         if stage in ("fit", None):
             starts = document_starts(c.dir, "train") if c.align_to_documents else None
             self.train_set = RandomWindows(
-                open_split(c.dir, "train"),
-                c.seq_len,
-                c.batch_size,
-                self.seed,
-                rank,
-                doc_starts=starts,
+                open_split(c.dir, "train"), window, c.batch_size, self.seed, rank, doc_starts=starts
             )
-        self.val_set = SequentialWindows(open_split(c.dir, "val"), c.seq_len, c.max_val_windows)
+        self.val_set = SequentialWindows(open_split(c.dir, "val"), window, c.max_val_windows)
+        if self.masking:
+            masker, cls_id, sep_id = self.masker()
+            if self.train_set is not None and not isinstance(self.train_set, MLMBatches):
+                self.train_set = MLMBatches(self.train_set, masker, cls_id, sep_id)
+            self.val_set = MLMValWindows(self.val_set, masker, cls_id, sep_id, self.seed)
 
     def _pin(self) -> bool:
         return (

@@ -143,3 +143,82 @@ class SequentialWindows(Dataset):
         shard, off = self.index[i]
         t = torch.from_numpy(self.shards[shard][off : off + self.seq_len + 1].astype(np.int64))
         return t[:-1], t[1:]
+
+
+def step_generator(*key: int) -> torch.Generator:
+    """A torch generator seeded from a tuple of integers (seed, rank, step, ...)."""
+    return torch.Generator().manual_seed(
+        int(np.random.SeedSequence(list(key)).generate_state(1, np.uint64)[0] >> 1)
+    )
+
+
+class MLMBatches(IterableDataset):
+    """Endless masked-LM batches: ``[CLS] window [SEP]`` packed from consecutive documents.
+
+    Yields dicts of ``input_ids``, ``labels`` (-100 where not selected) and ``token_type_ids``;
+    the windows and masks of micro-batch ``s`` are a function of ``(seed, rank, s)``.
+    """
+
+    def __init__(self, windows: RandomWindows, masker, cls_id: int, sep_id: int) -> None:
+        self.windows, self.masker, self.cls_id, self.sep_id = windows, masker, cls_id, sep_id
+
+    @property
+    def start_step(self) -> int:
+        return self.windows.start_step
+
+    @start_step.setter
+    def start_step(self, step: int) -> None:
+        self.windows.start_step = step
+
+    def batch(self, step: int) -> dict[str, torch.Tensor]:
+        x, _ = self.windows.batch(step)
+        w = self.windows
+        return mlm_sample(
+            x, self.masker, self.cls_id, self.sep_id, step_generator(w.seed, w.rank, step)
+        )
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += n_workers
+
+
+class MLMValWindows(Dataset):
+    """The validation sweep for masked LM: fixed windows with fixed masks (seeded by index)."""
+
+    def __init__(
+        self, windows: SequentialWindows, masker, cls_id: int, sep_id: int, seed: int
+    ) -> None:
+        self.windows, self.masker, self.cls_id, self.sep_id, self.seed = (
+            windows,
+            masker,
+            cls_id,
+            sep_id,
+            seed,
+        )
+
+    def __len__(self) -> int:
+        return len(self.windows)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, _ = self.windows[i]
+        sample = mlm_sample(
+            x[None], self.masker, self.cls_id, self.sep_id, step_generator(self.seed, i)
+        )
+        return {k: v[0] for k, v in sample.items()}
+
+
+def mlm_sample(
+    x: torch.Tensor, masker, cls_id: int, sep_id: int, generator: torch.Generator
+) -> dict:
+    B = x.size(0)
+    ids = torch.cat([torch.full((B, 1), cls_id), x, torch.full((B, 1), sep_id)], dim=1)  # (B, T)
+    token_types = torch.zeros_like(ids)
+    if masker.cfg.two_segments:
+        seps = (ids == sep_id).long().cumsum(1)
+        token_types = ((seps - (ids == sep_id).long()) > 0).long()  # after the first [SEP]
+    input_ids, labels = masker(ids, generator)
+    return {"input_ids": input_ids, "labels": labels, "token_type_ids": token_types}

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict, fields
+
 import lightning as L
 import torch
 import torch.nn.functional as F
@@ -29,10 +31,85 @@ def token_loss(
 
 
 class LMTask(L.LightningModule):
-    """Base LightningModule: subclasses set ``self.model`` and ``self.optim``."""
+    """Base LightningModule: subclasses set ``self.model`` and ``self.optim``.
+
+    Training losses are normalised by the real target tokens of the whole optimizer step, over
+    every micro-batch and every rank. ``training_step`` returns ``loss_sum / scale`` through
+    ``step_loss`` (``scale``: the positions of one micro-batch, a constant); Lightning divides
+    by the accumulation count A and DDP averages over the world size W, so the accumulated
+    gradient is sum(grad loss_sum) / (scale * A * W). ``on_before_optimizer_step`` works out
+    the factor scale * A * W / N, N the step's real tokens on all ranks, and
+    ``configure_gradient_clipping`` applies it together with norm clipping in one pass over
+    the gradients (the pass ``clip_grad_norm_`` makes anyway): the result is the clipped
+    gradient of the token-weighted mean loss, at the cost of plain clipping.
+    """
 
     model: torch.nn.Module
     optim: OptimConfig
+    tokens_seen: int = 0  # input positions consumed over all ranks (logged as train/tokens)
+    _step_sum: torch.Tensor | None = None
+    _step_tokens: torch.Tensor | None = None
+    _scale: float = 1.0
+    _grad_factor: torch.Tensor | None = None
+
+    def step_loss(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor, scale: int) -> torch.Tensor:
+        """The loss to back-propagate for one micro-batch; see the class docstring."""
+        if self._step_sum is None:
+            self._step_sum, self._step_tokens = loss_sum.detach(), n_tokens
+        else:
+            self._step_sum = self._step_sum + loss_sum.detach()
+            self._step_tokens = self._step_tokens + n_tokens
+        self._scale = scale
+        return loss_sum / scale
+
+    def on_train_start(self) -> None:
+        self._trainable = [
+            p for p in self.parameters() if p.requires_grad
+        ]  # walked once, not every step
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        if self._step_tokens is None:
+            return
+        loss_sum, n = self._step_sum, self._step_tokens
+        if self.trainer.world_size > 1:
+            totals = self.trainer.strategy.reduce(
+                torch.stack([loss_sum, n.to(loss_sum.dtype)]), reduce_op="sum"
+            )
+            loss_sum, n = totals[0], totals[1]
+        n = n.clamp(min=1)
+        self._grad_factor = (
+            self._scale * self.trainer.accumulate_grad_batches * self.trainer.world_size / n
+        )
+        if self.logging_step():
+            self.log("train/loss", loss_sum / n, prog_bar=True)
+            self.log("train/tokens", float(self.tokens_seen))
+        self._step_sum = self._step_tokens = None
+
+    def configure_gradient_clipping(
+        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
+    ) -> None:
+        """Token normalisation and clipping by norm in one multiplication of the gradients
+        (Lightning calls this hook every step, with or without clipping configured)."""
+        factor, self._grad_factor = self._grad_factor, None
+        grads = [p.grad for p in self._trainable if p.grad is not None]
+        if factor is None or not grads:
+            return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+            norm = torch.nn.utils.get_total_norm(grads) * factor  # the normalised gradient's norm
+            if hasattr(norm, "full_tensor"):  # sharded (FSDP) gradients
+                norm = norm.full_tensor()
+            factor = factor * torch.clamp(gradient_clip_val / (norm + 1e-6), max=1.0)
+            gradient_clip_val = None
+        torch._foreach_mul_(grads, factor.to(grads[0].dtype))  # no host sync
+        self.clip_gradients(
+            optimizer, gradient_clip_val, gradient_clip_algorithm
+        )  # clipping by value
+
+    def logging_step(self) -> bool:
+        """Whether Lightning writes this step to the loggers (every ``log_every_n_steps``, and in a
+        fast dev run); ``self.log`` costs time, so the other steps skip it. The predicate is
+        Lightning's own, the one its LearningRateMonitor uses."""
+        return self.trainer._logger_connector.should_update_logs or bool(self.trainer.fast_dev_run)
 
     def param_groups(self) -> list[dict]:
         """Weight decay for matrices (embeddings as ``decay_embeddings`` says); none for biases and norms."""
@@ -70,3 +147,23 @@ class LMTask(L.LightningModule):
         total = self.total_steps()
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, c, total) / c.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+    def save_config(self, model_cfg, **sections) -> None:
+        """Store the model config (its init fields) and other sections as plain dicts, so that
+        checkpoints load with ``torch.load(weights_only=True)``."""
+        init_fields = {f.name: getattr(model_cfg, f.name) for f in fields(model_cfg) if f.init}
+        self.save_hyperparameters(
+            {"model": init_fields} | {k: asdict(v) for k, v in sections.items()}
+        )
+
+    def count_tokens(self, n_positions: int) -> None:
+        self.tokens_seen += n_positions * self.trainer.world_size
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        checkpoint["tokens_seen"] = self.tokens_seen
+        dm = getattr(self.trainer, "datamodule", None)
+        if dm is not None and hasattr(dm, "tokenizer"):
+            checkpoint["tokenizer"] = dm.tokenizer.to_str()  # the tokenizer travels with the model
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        self.tokens_seen = checkpoint.get("tokens_seen", 0)

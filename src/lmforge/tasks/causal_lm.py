@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
-
 import torch
 from torchmetrics.aggregation import MeanMetric
 
 from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.tasks.base import LMTask, OptimConfig, token_loss
+from lmforge.tasks.base import LMTask, token_loss
+from lmforge.tasks.optim import OptimConfig
 
 
 class CausalLMTask(LMTask):
@@ -18,14 +17,9 @@ class CausalLMTask(LMTask):
         super().__init__()
         model_cfg = model if isinstance(model, GPTConfig) else GPTConfig(**model)
         self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
-        # Plain dicts only: checkpoints must load with torch.load(weights_only=True).
-        init_fields = {
-            k: v for k, v in asdict(model_cfg).items() if k not in ("padded_vocab_size", "head_dim")
-        }
-        self.save_hyperparameters({"model": init_fields, "optim": asdict(self.optim)})
+        self.save_config(model_cfg, optim=self.optim)
         self.model = GPT(model_cfg)
         self.val_loss = MeanMetric()  # token-weighted: update(mean, weight=n_tokens)
-        self.tokens_seen = 0
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -33,11 +27,8 @@ class CausalLMTask(LMTask):
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss_sum, n = token_loss(self.model(x), y)
-        loss = loss_sum / n
-        self.tokens_seen += x.numel() * self.trainer.world_size
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/tokens", float(self.tokens_seen))
-        return loss
+        self.count_tokens(x.numel())
+        return self.step_loss(loss_sum, n, scale=y.numel())
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
@@ -49,12 +40,3 @@ class CausalLMTask(LMTask):
         self.val_loss.reset()
         self.log("val/loss", loss, prog_bar=True)
         self.log("val/ppl", loss.exp())
-
-    def on_save_checkpoint(self, checkpoint: dict) -> None:
-        checkpoint["tokens_seen"] = self.tokens_seen
-        dm = getattr(self.trainer, "datamodule", None)
-        if dm is not None and hasattr(dm, "tokenizer"):
-            checkpoint["tokenizer"] = dm.tokenizer.to_str()  # the tokenizer travels with the model
-
-    def on_load_checkpoint(self, checkpoint: dict) -> None:
-        self.tokens_seen = checkpoint.get("tokens_seen", 0)

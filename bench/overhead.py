@@ -1,0 +1,195 @@
+"""Framework overhead: our Lightning task against a bare PyTorch loop, same model, data, optimizer.
+
+    python bench/overhead.py                    # gpt-mini on Tiny Shakespeare, CPU
+    python bench/overhead.py --device cuda --model gpt2-small --batch-size 8 --seq-len 1024
+
+Both step the same model (the same initial weights), the same batches (the same RandomWindows
+stream), AdamW with the same groups and schedule and gradient clipping at 1.0. They alternate in
+rounds inside one process so that machine noise hits both alike. A step is timed from the start
+of one step to the start of the next, so data loading, logging and the progress bar count. The
+Lightning side runs with the default callbacks of `lmforge-train` (progress bar, learning-rate
+monitor, throughput, from conf/callbacks/default.yaml) and the CSV logger. Prints the median step times and their ratio.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.loggers import CSVLogger
+from omegaconf import OmegaConf
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from lmforge.data.datasets import RandomWindows, open_split  # noqa: E402
+from lmforge.data.prepare import PrepareConfig, prepare  # noqa: E402
+from lmforge.data.sources import SourceConfig  # noqa: E402
+from lmforge.data.tokenizer import TokenizerConfig  # noqa: E402
+from lmforge.models.gpt import GPTConfig  # noqa: E402
+from lmforge.tasks.causal_lm import CausalLMTask  # noqa: E402
+from lmforge.tasks.optim import OptimConfig, lr_at  # noqa: E402
+
+
+def default_callbacks() -> list[L.Callback]:
+    """lmforge-train's default callbacks that act during training steps (as conf/callbacks/default.yaml
+    sets them); checkpointing and text samples act at validation, which this benchmark skips."""
+    cfg = OmegaConf.load(ROOT / "conf" / "callbacks" / "default.yaml")
+    return [instantiate(cfg[key]) for key in ("progress_bar", "lr_monitor", "throughput")]
+
+
+class StepTimes(L.Callback):
+    def __init__(self) -> None:
+        self.starts: list[float] = []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.starts.append(time.perf_counter())
+
+
+def bare_round(task: CausalLMTask, opt, sched, stream, steps: int, device) -> list[float]:
+    """The hand-written loop: forward, loss, backward, clip, step, schedule."""
+    model = task.model
+    model.train()
+    starts = []
+    for _ in range(steps + 1):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        starts.append(time.perf_counter())
+        x, y = next(stream)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(x)
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
+        )
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    ap.add_argument("--model", default="gpt-mini", help="a conf/model flavour")
+    ap.add_argument("--batch-size", type=int, default=12)
+    ap.add_argument("--seq-len", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=6)
+    ap.add_argument("--steps", type=int, default=20, help="timed steps per round and side")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    work = Path(tempfile.mkdtemp(prefix="lmforge-overhead-"))
+    meta = prepare(
+        PrepareConfig(
+            source=SourceConfig(
+                kind="text_files", paths=[str(ROOT / "data/tinyshakespeare/input.txt")]
+            ),
+            tokenizer=TokenizerConfig(kind="char"),
+            split="tail",
+            append_eot=False,
+            progress=False,
+        ),
+        work / "data",
+    )
+    flavour = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
+    fields = {k: v for k, v in OmegaConf.to_container(flavour).items() if k != "_target_"}
+    model_cfg = GPTConfig(
+        **(
+            fields
+            | {
+                "vocab_size": meta["vocab_size"],
+                "block_size": max(args.seq_len, fields["block_size"]),
+            }
+        )
+    )
+    optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
+    total = args.rounds * (args.steps + 1) * 2 + 10
+    torch.manual_seed(0)
+    lit_task = CausalLMTask(model_cfg, optim)
+    bare_task = CausalLMTask(model_cfg, optim)
+    bare_task.model.load_state_dict(lit_task.model.state_dict())
+    bare_task.model.to(device)
+    shards = open_split(work / "data", "train")
+    precision = "bf16-mixed" if device.type == "cuda" else "32-true"
+
+    # the bare loop's optimizer: the task's own groups and schedule
+    groups = bare_task.param_groups()
+    bare_opt = torch.optim.AdamW(
+        groups,
+        lr=optim.lr,
+        betas=(optim.beta1, optim.beta2),
+        eps=optim.eps,
+        fused=device.type == "cuda",
+    )
+    bare_sched = torch.optim.lr_scheduler.LambdaLR(
+        bare_opt, lambda s: lr_at(s, optim, total) / optim.lr
+    )
+    bare_stream = iter(
+        torch.utils.data.DataLoader(
+            RandomWindows(shards, args.seq_len, args.batch_size, seed=1),
+            batch_size=None,
+            pin_memory=device.type == "cuda",
+        )
+    )
+
+    lit_times: list[float] = []
+    bare_times: list[float] = []
+    timer = StepTimes()
+    ckpt = None
+    for r in range(args.rounds):
+        # Lightning: continue the same run for `steps + 1` more steps (checkpointed in memory between rounds)
+        lit_data = RandomWindows(
+            shards, args.seq_len, args.batch_size, seed=1, start_step=r * (args.steps + 1)
+        )
+        trainer = L.Trainer(
+            accelerator=device.type,
+            devices=1,
+            precision=precision,
+            max_steps=(r + 1) * (args.steps + 1),
+            gradient_clip_val=1.0,
+            logger=CSVLogger(work, name="csv"),
+            enable_checkpointing=False,
+            callbacks=[timer, *default_callbacks()],
+            enable_model_summary=False,
+            limit_val_batches=0,
+            num_sanity_val_steps=0,
+        )
+        timer.starts = []
+        loader = torch.utils.data.DataLoader(lit_data, batch_size=None)
+        trainer.fit(lit_task, train_dataloaders=loader, ckpt_path=ckpt)
+        ckpt = str(work / "round.ckpt")
+        trainer.save_checkpoint(ckpt)
+        lit_times += [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])]
+        bare_times += bare_round(bare_task, bare_opt, bare_sched, bare_stream, args.steps, device)
+
+    lit, bare = statistics.median(lit_times), statistics.median(bare_times)
+    n = model_cfg.__dict__
+    print(
+        f"\nmodel {args.model} ({lit_task.model.num_params():,} params, n_layer={n['n_layer']}, n_embd={n['n_embd']}), "
+        f"batch {args.batch_size} x {args.seq_len}, device {device}, torch {torch.__version__}, lightning {L.__version__}"
+    )
+    print(f"{'loop':<12}{'steps':>7}{'median ms':>11}{'mean ms':>10}")
+    print(
+        f"{'bare torch':<12}{len(bare_times):>7}{bare * 1e3:>11.2f}{statistics.mean(bare_times) * 1e3:>10.2f}"
+    )
+    print(
+        f"{'lmforge':<12}{len(lit_times):>7}{lit * 1e3:>11.2f}{statistics.mean(lit_times) * 1e3:>10.2f}"
+    )
+    print(f"ratio lmforge / bare (median): {lit / bare:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Hugging Face interop: import checkpoints saved by ``transformers`` and export ours to them."""

@@ -1,0 +1,71 @@
+"""Reading and writing Hugging Face model directories safely (safetensors, weights_only)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+
+from lmforge.errors import LMForgeError
+
+
+def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """The ``config.json`` and the state dict of a ``save_pretrained`` directory."""
+    path = Path(path)
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise LMForgeError(
+            f"{config_file} not found: give a directory written by transformers' save_pretrained"
+        )
+    config = json.loads(config_file.read_text())
+    if (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        state = load_file(str(path / "model.safetensors"))
+    elif (path / "pytorch_model.bin").is_file():
+        try:
+            state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise LMForgeError(
+                f"{path}/pytorch_model.bin cannot be loaded safely ({type(e).__name__}): convert it to safetensors"
+            ) from None
+    else:
+        raise LMForgeError(
+            f"{path} holds neither model.safetensors nor pytorch_model.bin (sharded checkpoints are not supported)"
+        )
+    return config, state
+
+
+def write_hf_dir(
+    out: str | Path,
+    config: dict,
+    state: dict[str, torch.Tensor],
+    tokenizer=None,
+    tokenizer_config: dict | None = None,
+) -> Path:
+    """Write config.json, model.safetensors and tokenizer files into ``out`` (built aside, then renamed)."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        (tmp / "config.json").write_text(json.dumps(config, indent=2))
+        save_file(
+            {k: v.detach().contiguous().cpu() for k, v in state.items()},
+            str(tmp / "model.safetensors"),
+            metadata={"format": "pt"},
+        )
+        if tokenizer is not None:
+            tokenizer.save(str(tmp / "tokenizer.json"))
+            (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config or {}, indent=2))
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out

@@ -1,0 +1,182 @@
+"""A BERT in plain PyTorch: a bidirectional encoder over the shared attention module.
+
+Token, position and token-type embeddings with a LayerNorm; post-LayerNorm blocks as in BERT
+(pre-LayerNorm as an option); an MLM head (dense, GELU, LayerNorm, decoder tied to the word
+embeddings with its own bias) that can run on the masked positions alone; a pooler for
+classification.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from lmforge.models.layers import MLP, Attention
+
+
+@dataclass
+class BertConfig:
+    """Shape and options of a BERT. Derived fields are computed in ``__post_init__``."""
+
+    vocab_size: int = 30522  # tokenizer size; the embedding is padded beyond it
+    block_size: int = 512  # max_position_embeddings
+    type_vocab_size: int = 2  # token types (segments)
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    mlp_ratio: int = 4  # intermediate size = mlp_ratio * n_embd
+    dropout: float = 0.1  # hidden and attention dropout
+    pre_ln: bool = (
+        False  # False: BERT's post-LayerNorm blocks; True: pre-LayerNorm (more stable when deep)
+    )
+    ln_eps: float = 1e-12
+    gelu_approximate: str = "none"  # BERT uses the exact erf GELU
+    pad_vocab_multiple: int = 64
+    padded_vocab_size: int = field(init=False)
+    head_dim: int = field(init=False)
+
+    def __post_init__(self) -> None:
+        for name in (
+            "vocab_size",
+            "block_size",
+            "n_layer",
+            "n_head",
+            "n_embd",
+            "mlp_ratio",
+            "type_vocab_size",
+        ):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"BertConfig.{name} must be positive, got {getattr(self, name)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(
+                f"BertConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"BertConfig.dropout must be in [0, 1), got {self.dropout}")
+        m = self.pad_vocab_multiple
+        self.padded_vocab_size = (self.vocab_size + m - 1) // m * m
+        self.head_dim = self.n_embd // self.n_head
+
+
+class EncoderBlock(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.pre_ln = c.pre_ln
+        self.attn = Attention(c.n_embd, c.n_head, c.dropout, bias=True)
+        self.ln_1 = nn.LayerNorm(c.n_embd, eps=c.ln_eps)
+        self.mlp = MLP(
+            c.n_embd, c.mlp_ratio * c.n_embd, c.dropout, bias=True, approximate=c.gelu_approximate
+        )
+        self.ln_2 = nn.LayerNorm(c.n_embd, eps=c.ln_eps)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None) -> torch.Tensor:
+        if self.pre_ln:
+            x = x + self.attn(self.ln_1(x), causal=False, attn_mask=attn_mask)
+            return x + self.mlp(self.ln_2(x))
+        x = self.ln_1(x + self.attn(x, causal=False, attn_mask=attn_mask))
+        return self.ln_2(x + self.mlp(x))
+
+
+class MLMHead(nn.Module):
+    """dense -> GELU -> LayerNorm -> decoder (weights tied to the word embeddings) + bias."""
+
+    def __init__(self, c: BertConfig, word_embeddings: nn.Embedding) -> None:
+        super().__init__()
+        self.dense = nn.Linear(c.n_embd, c.n_embd)
+        self.act = nn.GELU(approximate=c.gelu_approximate)
+        self.ln = nn.LayerNorm(c.n_embd, eps=c.ln_eps)
+        self.decoder = nn.Linear(c.n_embd, c.padded_vocab_size, bias=False)
+        self.decoder.weight = word_embeddings.weight  # the one place weights are tied
+        self.bias = nn.Parameter(torch.zeros(c.padded_vocab_size))
+        self.vocab_size = c.vocab_size
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        logits = self.decoder(self.ln(self.act(self.dense(h)))) + self.bias
+        return logits[..., : self.vocab_size]
+
+
+class Bert(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        c = self.config = config
+        self.tok_emb = nn.Embedding(c.padded_vocab_size, c.n_embd)
+        self.pos_emb = nn.Embedding(c.block_size, c.n_embd)
+        self.type_emb = nn.Embedding(c.type_vocab_size, c.n_embd)
+        self.emb_ln = nn.LayerNorm(c.n_embd, eps=c.ln_eps)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(EncoderBlock(c) for _ in range(c.n_layer))
+        self.ln_f = nn.LayerNorm(c.n_embd, eps=c.ln_eps) if c.pre_ln else nn.Identity()
+        self.mlm_head = MLMHead(c, self.tok_emb)
+        self.pooler = nn.Linear(c.n_embd, c.n_embd)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """BERT's initialisation (normal, std 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
+        std = 0.02
+        for module in self.modules():
+            if isinstance(module, nn.Linear | nn.Embedding):
+                nn.init.normal_(module.weight, mean=0.0, std=std)
+                if getattr(module, "bias", None) is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, nn.LayerNorm):
+                nn.init.ones_(module.weight)
+                nn.init.zeros_(module.bias)
+        nn.init.zeros_(self.mlm_head.bias)
+        for block in self.blocks:
+            for proj in (block.attn.proj, block.mlp.proj):
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+
+    def num_params(self) -> int:
+        """Parameter count, tied weights counted once."""
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self, seq_len: int | None = None, predicted_fraction: float = 1.0) -> int:
+        """Training FLOPs per token, 6N + 12·L·H·Q·T (PaLM), with the MLM decoder counted only on
+        the ``predicted_fraction`` of positions it runs on (sparse prediction)."""
+        c = self.config
+        T = seq_len or c.block_size
+        embeddings = sum(m.weight.numel() for m in (self.tok_emb, self.pos_emb, self.type_emb))
+        decoder = c.padded_vocab_size * c.n_embd
+        head = sum(p.numel() for p in self.mlm_head.parameters()) - decoder  # dense, LN, bias
+        body = (
+            self.num_params() - embeddings - head - sum(p.numel() for p in self.pooler.parameters())
+        )
+        per_token = 6 * body + 6 * (head + decoder) * predicted_fraction
+        return int(per_token + 12 * c.n_layer * c.n_head * c.head_dim * T)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Hidden states (B, T, n_embd). ``attention_mask`` (B, T): 1 for real tokens, 0 for padding."""
+        B, T = input_ids.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence of {T} tokens exceeds block_size {self.config.block_size}")
+        if token_type_ids is None:
+            token_type_ids = torch.zeros_like(input_ids)
+        pos = torch.arange(T, device=input_ids.device)
+        x = self.tok_emb(input_ids) + self.pos_emb(pos) + self.type_emb(token_type_ids)
+        x = self.drop(self.emb_ln(x))
+        mask = None
+        if attention_mask is not None and not bool(attention_mask.all()):
+            mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T): keys each query may see
+        for block in self.blocks:
+            x = block(x, mask)
+        return self.ln_f(x)
+
+    def mlm_logits(
+        self, hidden: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Vocabulary logits; with a boolean ``positions`` (B, T) only there: (N, vocab_size)."""
+        if positions is not None:
+            hidden = hidden[positions]  # (N, n_embd)
+        return self.mlm_head(hidden)
+
+    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The [CLS] representation through the pooler (dense + tanh), for classification."""
+        return torch.tanh(self.pooler(hidden[:, 0]))

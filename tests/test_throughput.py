@@ -1,0 +1,103 @@
+import pytest
+
+from lmforge.callbacks.throughput import Throughput, mfu, peak_flops, precision_key
+from lmforge.models.bert import Bert, BertConfig
+
+
+@pytest.mark.parametrize(
+    ("name", "precision", "tflops"),
+    [
+        ("NVIDIA H100 80GB HBM3", "bf16", 989.4),  # SXM
+        ("NVIDIA H100 PCIe", "bf16", 756.5),
+        ("NVIDIA H100 NVL", "fp32", 60.0),
+        ("NVIDIA H200", "bf16", 989.4),
+        ("NVIDIA A100-SXM4-80GB", "bf16", 312.0),
+        ("NVIDIA A100-PCIE-40GB", "tf32", 156.0),
+        ("NVIDIA A10G", "bf16", 70.0),
+        ("NVIDIA A10", "bf16", 125.0),
+        ("NVIDIA L4", "fp16", 121.0),
+        ("NVIDIA L40S", "bf16", 362.1),
+        ("NVIDIA GeForce RTX 4090", "bf16", 165.2),
+        ("Tesla V100-SXM2-32GB", "fp16", 125.0),
+    ],
+)
+def test_peak_table_picks_the_right_entry(name, precision, tflops):
+    assert peak_flops(name, precision) == pytest.approx(tflops * 1e12)
+
+
+def test_unknown_devices_and_precisions_give_no_peak():
+    assert peak_flops("Some Future Accelerator", "bf16") is None
+    assert peak_flops("Tesla V100-SXM2-32GB", "bf16") is None  # V100 has no bf16 units
+
+
+def test_precision_keys():
+    assert precision_key("bf16-mixed") == "bf16" and precision_key("bf16-true") == "bf16"
+    assert precision_key("16-mixed") == "fp16"
+    assert precision_key("32-true") == "fp32" and precision_key("32-true", tf32=True) == "tf32"
+
+
+def test_mfu_of_a_synthetic_step():
+    # 124M-parameter-like model: 6N + attention, 1024 tokens x 8 in 0.1 s on a 989.4 TFLOP/s device
+    flops_per_token = 6 * 124e6 + 12 * 12 * 12 * 64 * 1024
+    value = mfu(flops_per_token, tokens=8 * 1024, seconds=0.1, peak=989.4e12)
+    assert value == pytest.approx(flops_per_token * 8 * 1024 / 0.1 / 989.4e12)
+    assert 0.06 < value < 0.08
+
+
+def test_bert_flops_count_sparse_prediction():
+    c = BertConfig(vocab_size=64, block_size=16, n_layer=2, n_head=2, n_embd=32)
+    model = Bert(c)
+    C, V = 32, 64
+    body = (
+        2 * (4 * C * C + 4 * C + 2 * 4 * C * C + 4 * C + C + 4 * C) + 2 * C
+    )  # blocks + embedding LN
+    head = C * C + C + 2 * C + V  # dense, LN, bias
+    attention = 12 * 2 * 2 * 16 * 16
+    assert model.flops_per_token(16) == 6 * body + 6 * (head + V * C) + attention
+    assert model.flops_per_token(16, predicted_fraction=0.15) == int(
+        6 * body + 6 * (head + V * C) * 0.15 + attention
+    )
+
+
+def test_callback_reports_tokens_per_second_without_mfu_on_cpu(train_cfg):
+    import csv
+    from pathlib import Path
+
+    from lmforge.cli.train import train
+
+    cfg = train_cfg(
+        "trainer.max_steps=16",
+        "trainer.val_check_interval=16",
+        "logger=csv",
+        "callbacks.throughput.log_every_n_steps=5",
+    )
+    metrics = train(cfg)
+    assert metrics["perf/tokens_per_s"] > 0  # on the progress bar
+    assert "perf/mfu" not in metrics  # no peak for a CPU
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("perf/step_ms")]
+    assert len(rows) == 2  # steps 2..16 measured in intervals of 5 after 2 warm-up steps
+    for r in rows:
+        assert float(r["perf/tokens_per_s"]) == pytest.approx(
+            float(r["perf/tokens_per_s_per_device"])
+        )
+        assert float(r["perf/samples_per_s"]) * 32 == pytest.approx(
+            float(r["perf/tokens_per_s"])
+        )  # gpt-nano: 32 tokens a row
+        assert 0 <= float(r["perf/data_wait_frac"]) < 1
+        assert not r.get("perf/mfu")
+    overridden = train(
+        train_cfg(
+            "trainer.max_steps=16",
+            "trainer.val_check_interval=16",
+            "logger=csv",
+            "callbacks.throughput.log_every_n_steps=5",
+            "callbacks.throughput.peak_tflops=1.0",
+        )
+    )
+    assert overridden["perf/mfu"] > 0
+
+
+def test_callback_defaults():
+    cb = Throughput()
+    assert cb.peak is None and cb.every == 10
