@@ -4,11 +4,13 @@
     python bench/overhead.py --device cuda --model gpt2-small --batch-size 8 --seq-len 1024
 
 Both step the same model (the same initial weights), the same batches (the same RandomWindows
-stream), AdamW with the same groups and schedule and gradient clipping at 1.0. They alternate in
-rounds inside one process so that machine noise hits both alike. A step is timed from the start
-of one step to the start of the next, so data loading, logging and the progress bar count. The
-Lightning side runs with the default callbacks of `lmforge-train` (progress bar, learning-rate
-monitor, throughput, from conf/callbacks/default.yaml) and the CSV logger. Prints the median step times and their ratio.
+stream through a DataLoader), AdamW with the same groups and schedule, and gradient clipping at
+1.0. They interleave step by step in one process, so machine noise hits both alike: after each
+Lightning step, a callback runs one step of the bare loop and times it. A Lightning step is timed
+from the start of one step to the start of the next, less the bare step run in between, so data
+loading, logging and the progress bar count. The Lightning side runs with the default callbacks
+of `lmforge-train` (progress bar, learning-rate monitor, throughput, as conf/callbacks/default.yaml
+sets them) and the CSV logger. Prints the median step times and their ratio.
 """
 
 from __future__ import annotations
@@ -45,38 +47,53 @@ def default_callbacks() -> list[L.Callback]:
     return [instantiate(cfg[key]) for key in ("progress_bar", "lr_monitor", "throughput")]
 
 
-class StepTimes(L.Callback):
-    def __init__(self) -> None:
-        self.starts: list[float] = []
+class Interleave(L.Callback):
+    """Times each Lightning step and runs (and times) one bare-loop step after it."""
+
+    def __init__(self, bare_step, warmup: int) -> None:
+        self.bare_step, self.warmup = bare_step, warmup
+        self.lit: list[float] = []
+        self.bare: list[float] = []
+        self.start: float | None = None
+        self.excluded = 0.0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if pl_module.device.type == "cuda":
-            torch.cuda.synchronize()
-        self.starts.append(time.perf_counter())
+        now = sync_time(pl_module.device)
+        if self.start is not None and trainer.global_step > self.warmup:
+            self.lit.append(now - self.start - self.excluded)
+        self.start, self.excluded = now, 0.0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        t0 = sync_time(pl_module.device)
+        self.bare_step()
+        t1 = sync_time(pl_module.device)
+        self.excluded = t1 - t0
+        if trainer.global_step > self.warmup:
+            self.bare.append(t1 - t0)
 
 
-def bare_round(task: CausalLMTask, opt, sched, stream, steps: int, device) -> list[float]:
-    """The hand-written loop: forward, loss, backward, clip, step, schedule."""
-    model = task.model
-    model.train()
-    starts = []
-    for _ in range(steps + 1):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        starts.append(time.perf_counter())
+def sync_time(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def make_bare_step(model: torch.nn.Module, opt, sched, stream, device):
+    """One step of the hand-written loop: forward, loss, backward, clip, step, schedule."""
+
+    def step() -> None:
         x, y = next(stream)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
-        loss = torch.nn.functional.cross_entropy(
-            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
-        )
+        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
-    return [b - a for a, b in zip(starts[:-1], starts[1:])]
+
+    return step
 
 
 def main() -> None:
@@ -86,8 +103,8 @@ def main() -> None:
     ap.add_argument("--model", default="gpt-mini", help="a conf/model flavour")
     ap.add_argument("--batch-size", type=int, default=12)
     ap.add_argument("--seq-len", type=int, default=64)
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=20, help="timed steps per round and side")
+    ap.add_argument("--steps", type=int, default=600, help="timed steps of each side")
+    ap.add_argument("--warmup", type=int, default=20, help="untimed steps first")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -116,7 +133,7 @@ def main() -> None:
         )
     )
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
-    total = args.rounds * (args.steps + 1) * 2 + 10
+    total = args.steps + args.warmup + 1
     torch.manual_seed(0)
     lit_task = CausalLMTask(model_cfg, optim)
     bare_task = CausalLMTask(model_cfg, optim)
@@ -145,36 +162,16 @@ def main() -> None:
         )
     )
 
-    lit_times: list[float] = []
-    bare_times: list[float] = []
-    timer = StepTimes()
-    ckpt = None
-    for r in range(args.rounds):
-        # Lightning: continue the same run for `steps + 1` more steps (checkpointed in memory between rounds)
-        lit_data = RandomWindows(
-            shards, args.seq_len, args.batch_size, seed=1, start_step=r * (args.steps + 1)
-        )
-        trainer = L.Trainer(
-            accelerator=device.type,
-            devices=1,
-            precision=precision,
-            max_steps=(r + 1) * (args.steps + 1),
-            gradient_clip_val=1.0,
-            logger=CSVLogger(work, name="csv"),
-            enable_checkpointing=False,
-            callbacks=[timer, *default_callbacks()],
-            enable_model_summary=False,
-            limit_val_batches=0,
-            num_sanity_val_steps=0,
-        )
-        timer.starts = []
-        loader = torch.utils.data.DataLoader(lit_data, batch_size=None)
-        trainer.fit(lit_task, train_dataloaders=loader, ckpt_path=ckpt)
-        ckpt = str(work / "round.ckpt")
-        trainer.save_checkpoint(ckpt)
-        lit_times += [b - a for a, b in zip(timer.starts[:-1], timer.starts[1:])]
-        bare_times += bare_round(bare_task, bare_opt, bare_sched, bare_stream, args.steps, device)
-
+    interleave = Interleave(make_bare_step(bare_task.model, bare_opt, bare_sched, bare_stream, device), args.warmup)
+    lit_data = RandomWindows(shards, args.seq_len, args.batch_size, seed=1)
+    trainer = L.Trainer(
+        accelerator=device.type, devices=1, precision=precision, max_steps=args.steps + args.warmup + 1,
+        gradient_clip_val=1.0, logger=CSVLogger(work, name="csv"), enable_checkpointing=False,
+        callbacks=[interleave, *default_callbacks()], enable_model_summary=False, limit_val_batches=0,
+        num_sanity_val_steps=0,
+    )
+    trainer.fit(lit_task, train_dataloaders=torch.utils.data.DataLoader(lit_data, batch_size=None))
+    lit_times, bare_times = interleave.lit, interleave.bare
     lit, bare = statistics.median(lit_times), statistics.median(bare_times)
     n = model_cfg.__dict__
     print(

@@ -85,25 +85,22 @@ class LMTask(L.LightningModule):
             self.log("train/tokens", float(self.tokens_seen))
         self._step_sum = self._step_tokens = None
 
-    def configure_gradient_clipping(
-        self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
-    ) -> None:
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         """Token normalisation and clipping by norm in one multiplication of the gradients
         (Lightning calls this hook every step, with or without clipping configured)."""
         factor, self._grad_factor = self._grad_factor, None
         grads = [p.grad for p in self._trainable if p.grad is not None]
         if factor is None or not grads:
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-        if gradient_clip_val and gradient_clip_algorithm in (None, "norm"):
+        by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
+        if by_norm:
             norm = torch.nn.utils.get_total_norm(grads) * factor  # the normalised gradient's norm
             if hasattr(norm, "full_tensor"):  # sharded (FSDP) gradients
                 norm = norm.full_tensor()
             factor = factor * torch.clamp(gradient_clip_val / (norm + 1e-6), max=1.0)
-            gradient_clip_val = None
         torch._foreach_mul_(grads, factor.to(grads[0].dtype))  # no host sync
-        self.clip_gradients(
-            optimizer, gradient_clip_val, gradient_clip_algorithm
-        )  # clipping by value
+        if gradient_clip_val and not by_norm:
+            self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # by value
 
     def logging_step(self) -> bool:
         """Whether Lightning writes this step to the loggers (every ``log_every_n_steps``, and in a
