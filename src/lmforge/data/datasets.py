@@ -53,7 +53,28 @@ def document_starts(data_dir: str | Path, split: str) -> np.ndarray:
     return np.fromfile(path, dtype=np.uint64).astype(np.int64)
 
 
-class RandomWindows(IterableDataset):
+class StepStream(IterableDataset):
+    """An endless stream of batches, ``batch(step)`` for step = start_step, start_step + 1, ...
+
+    With DataLoader workers, worker w yields steps w, w + n, ...; the loader interleaves them
+    back into order.
+    """
+
+    start_step: int = 0
+
+    def batch(self, step: int):
+        raise NotImplementedError
+
+    def __iter__(self):
+        info = get_worker_info()
+        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        step = self.start_step + worker
+        while True:
+            yield self.batch(step)
+            step += n_workers
+
+
+class RandomWindows(StepStream):
     """An endless stream of (x, y) batches of random windows, ``y`` shifted by one token.
 
     Yields whole batches (use ``DataLoader(batch_size=None)``). Windows never cross shard
@@ -109,14 +130,6 @@ class RandomWindows(IterableDataset):
         t = torch.from_numpy(rows)
         return t[:, :-1], t[:, 1:]
 
-    def __iter__(self):
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        step = self.start_step + worker
-        while True:
-            yield self.batch(step)
-            step += n_workers
-
 
 class SequentialWindows(Dataset):
     """Non-overlapping windows of ``seq_len + 1`` tokens in order, sharing one token at each seam."""
@@ -152,7 +165,7 @@ def step_generator(*key: int) -> torch.Generator:
     )
 
 
-class MLMBatches(IterableDataset):
+class MLMBatches(StepStream):
     """Endless masked-LM batches: ``[CLS] window [SEP]`` packed from consecutive documents.
 
     Yields dicts of ``input_ids``, ``labels`` (-100 where not selected) and ``token_type_ids``;
@@ -161,14 +174,7 @@ class MLMBatches(IterableDataset):
 
     def __init__(self, windows: RandomWindows, masker, cls_id: int, sep_id: int) -> None:
         self.windows, self.masker, self.cls_id, self.sep_id = windows, masker, cls_id, sep_id
-
-    @property
-    def start_step(self) -> int:
-        return self.windows.start_step
-
-    @start_step.setter
-    def start_step(self, step: int) -> None:
-        self.windows.start_step = step
+        self.start_step = windows.start_step
 
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         x, _ = self.windows.batch(step)
@@ -176,14 +182,6 @@ class MLMBatches(IterableDataset):
         return mlm_sample(
             x, self.masker, self.cls_id, self.sep_id, step_generator(w.seed, w.rank, step)
         )
-
-    def __iter__(self):
-        info = get_worker_info()
-        worker, n_workers = (info.id, info.num_workers) if info else (0, 1)
-        step = self.start_step + worker
-        while True:
-            yield self.batch(step)
-            step += n_workers
 
 
 class MLMValWindows(Dataset):
