@@ -86,7 +86,9 @@ def make_bare_step(model: torch.nn.Module, opt, sched, stream, device):
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(x)
-        loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits.float().reshape(-1, logits.size(-1)), y.reshape(-1)
+        )
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -162,12 +164,21 @@ def main() -> None:
         )
     )
 
-    interleave = Interleave(make_bare_step(bare_task.model, bare_opt, bare_sched, bare_stream, device), args.warmup)
+    interleave = Interleave(
+        make_bare_step(bare_task.model, bare_opt, bare_sched, bare_stream, device), args.warmup
+    )
     lit_data = RandomWindows(shards, args.seq_len, args.batch_size, seed=1)
     trainer = L.Trainer(
-        accelerator=device.type, devices=1, precision=precision, max_steps=args.steps + args.warmup + 1,
-        gradient_clip_val=1.0, logger=CSVLogger(work, name="csv"), enable_checkpointing=False,
-        callbacks=[interleave, *default_callbacks()], enable_model_summary=False, limit_val_batches=0,
+        accelerator=device.type,
+        devices=1,
+        precision=precision,
+        max_steps=args.steps + args.warmup + 1,
+        gradient_clip_val=1.0,
+        logger=CSVLogger(work, name="csv"),
+        enable_checkpointing=False,
+        callbacks=[interleave, *default_callbacks()],
+        enable_model_summary=False,
+        limit_val_batches=0,
         num_sanity_val_steps=0,
     )
     trainer.fit(lit_task, train_dataloaders=torch.utils.data.DataLoader(lit_data, batch_size=None))

@@ -83,3 +83,25 @@ def test_golden_loss_curve(train_cfg):
     golden = json.loads(golden_path.read_text())["losses"]
     assert len(losses) == len(golden) == 12
     assert losses == pytest.approx(golden, abs=2e-4)
+
+
+@pytest.mark.slow
+def test_compiled_model_trains_and_saves_plain_keys(train_cfg):
+    """task.compile=true compiles the model in place; checkpoints keep the model's own keys."""
+    cfg = train_cfg(
+        "task.compile=true",
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "logger=csv",
+        "callbacks.text_samples.max_new_tokens=4",
+    )
+    train(cfg)
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    assert not any("_orig_mod" in k for k in ckpt["state_dict"])
+
+
+def test_bad_compile_value_is_refused(train_cfg):
+    from lmforge.errors import LMForgeError
+
+    with pytest.raises(LMForgeError, match="task.compile"):
+        train(train_cfg("task.compile=sometimes"))

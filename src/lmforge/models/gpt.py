@@ -172,7 +172,8 @@ class GPT(nn.Module):
             if cache.seq_len + next_input.size(1) > self.config.block_size:
                 cache = KVCache()
                 next_input = idx[:, -self.config.block_size :]
-            logits = self(next_input, cache=cache)[:, -1, :]  # (B, vocab_size)
+            # forward, not __call__: a compiled model would recompile for every new length
+            logits = self.forward(next_input, cache=cache)[:, -1, :]  # (B, vocab_size)
             if temperature == 0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
