@@ -32,6 +32,9 @@ class MaskedLMTask(LMTask):
         )
         self.save_config(model_cfg, optim=self.optim, masking=self.masking)
         self.model = Bert(model_cfg)
+        # MLM does not train the pooler (classification fine-tuning does); frozen, DDP needs no
+        # unused-parameter search and the optimizer holds no state for it.
+        self.model.pooler.requires_grad_(False)
         self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
 
