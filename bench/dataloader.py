@@ -25,9 +25,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lmforge.data.config import DataConfig  # noqa: E402
 from lmforge.data.datamodule import TokenDataModule  # noqa: E402
 from lmforge.data.masking import MaskingConfig  # noqa: E402
-from lmforge.data.prepare import PrepareConfig, prepare  # noqa: E402
-from lmforge.data.sources import SourceConfig  # noqa: E402
-from lmforge.data.tokenizer import TokenizerConfig  # noqa: E402
+from shakespeare import prepare_shakespeare_char  # noqa: E402
 
 
 def main() -> None:
@@ -51,18 +49,7 @@ def main() -> None:
     data_dir = args.data_dir
     if data_dir is None:
         data_dir = ROOT / "logs" / "bench" / "dataloader" / "shakespeare_char"
-        prepare(
-            PrepareConfig(
-                source=SourceConfig(
-                    kind="text_files", paths=[str(ROOT / "data/tinyshakespeare/input.txt")]
-                ),
-                tokenizer=TokenizerConfig(kind="char"),
-                split="tail",
-                append_eot=False,
-                progress=False,
-            ),
-            data_dir,
-        )
+        prepare_shakespeare_char(data_dir)
     cfg = DataConfig(
         dir=str(data_dir),
         batch_size=args.batch_size,

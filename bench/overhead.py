@@ -32,12 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from lmforge.data.datasets import RandomWindows, open_split  # noqa: E402
-from lmforge.data.prepare import PrepareConfig, prepare  # noqa: E402
-from lmforge.data.sources import SourceConfig  # noqa: E402
-from lmforge.data.tokenizer import TokenizerConfig  # noqa: E402
 from lmforge.models.gpt import GPTConfig  # noqa: E402
 from lmforge.tasks.causal_lm import CausalLMTask  # noqa: E402
 from lmforge.tasks.optim import OptimConfig, lr_at  # noqa: E402
+from shakespeare import prepare_shakespeare_char  # noqa: E402
 
 
 def default_callbacks() -> list[L.Callback]:
@@ -111,18 +109,7 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     work = Path(tempfile.mkdtemp(prefix="lmforge-overhead-"))
-    meta = prepare(
-        PrepareConfig(
-            source=SourceConfig(
-                kind="text_files", paths=[str(ROOT / "data/tinyshakespeare/input.txt")]
-            ),
-            tokenizer=TokenizerConfig(kind="char"),
-            split="tail",
-            append_eot=False,
-            progress=False,
-        ),
-        work / "data",
-    )
+    meta = prepare_shakespeare_char(work / "data")
     flavour = OmegaConf.load(ROOT / "conf" / "model" / f"{args.model}.yaml")
     fields = {k: v for k, v in OmegaConf.to_container(flavour).items() if k != "_target_"}
     model_cfg = GPTConfig(
