@@ -260,7 +260,6 @@ def test_mlm_batches_from_prepared_shards(train_cfg, tmp_path):
         "task=masked_lm",
         f"data.dir={tmp_path}/wp",
         "seed=1",
-        "callbacks.text_samples=null",
         "trainer.max_steps=6",
         "trainer.val_check_interval=3",
         "data.max_val_windows=16",

@@ -47,6 +47,8 @@ class TextSamples(L.Callback):
         dm = getattr(trainer, "datamodule", None)
         if trainer.sanity_checking or dm is None or not hasattr(dm, "tokenizer"):
             return
+        if not hasattr(pl_module.model, "generate"):  # an encoder (BERT) does not generate text
+            return
         was_training = pl_module.training
         pl_module.eval()
         try:
