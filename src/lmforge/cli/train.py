@@ -21,9 +21,8 @@ class RunConfig:
 
     model: Any
     data: Any
-    task: dict[
-        str, Any
-    ]  # the task's typed sections (optim, masking, ...), its constructor's kwargs
+    task: dict[str, Any]  # the task's typed sections (optim, masking, ...): constructor kwargs
+    compile: str  # task.compile: auto | true | false
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -41,12 +40,13 @@ def validate(cfg: DictConfig) -> RunConfig:
             f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}:"
             " lower data.seq_len or raise model.block_size"
         )
-    if str(cfg.task.get("compile", "auto")).lower() not in ("auto", "true", "false"):
+    compile_mode = str(cfg.task.get("compile", "auto")).lower()
+    if compile_mode not in ("auto", "true", "false"):
         raise LMForgeError(f"task.compile={cfg.task.compile!r}: use auto (on CUDA), true or false")
     for key in ("max_steps",):
         if cfg.trainer.get(key) is not None and cfg.trainer[key] == 0:
             raise LMForgeError(f"trainer.{key} must be positive or -1, got 0")
-    return RunConfig(model, data, sections)
+    return RunConfig(model, data, sections, compile_mode)
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -77,7 +77,7 @@ def train(cfg: DictConfig) -> dict:
     model_cfg = build(cfg.model, "model", vocab_size=user_vocab or tok_vocab)
     task_cls = hydra.utils.get_class(cfg.task._target_)
     task = task_cls(model=model_cfg, **typed.task)
-    task.compile = str(cfg.task.get("compile", "auto")).lower()
+    task.compile = typed.compile
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
 

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import re
-import shutil
 import time
 import unicodedata
 from collections.abc import Iterator
@@ -47,6 +46,7 @@ from lmforge.data.tokenizer import (
     train_tokenizer,
 )
 from lmforge.errors import LMForgeError
+from lmforge.files import atomic_write_bytes, staged_dir
 
 META_FORMAT = "lmforge-tokens-v2"
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # keeps \t \n \r
@@ -90,15 +90,6 @@ class PrepareConfig:
 
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 1 << 16 else np.dtype(np.uint32)
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_meta(out_dir: str | Path) -> dict:
@@ -317,19 +308,8 @@ def prepare(cfg: PrepareConfig, out_dir: str | Path, force: bool = False) -> dic
     fp = fingerprint(cfg)
     if not force and (meta := up_to_date(out, fp)) is not None:
         return meta
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
+    with staged_dir(out) as tmp:
         meta = _prepare_into(cfg, tmp, fp)
-        old = out.parent / f".{out.name}.old-{os.getpid()}"
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return meta
 
 

@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import torch
 
 from lmforge.errors import LMForgeError
+from lmforge.files import staged_dir
 
 
 def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
@@ -50,10 +49,7 @@ def write_hf_dir(
     from safetensors.torch import save_file
 
     out = Path(out)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with staged_dir(out) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in state.items()},
@@ -63,9 +59,4 @@ def write_hf_dir(
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config or {}, indent=2))
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
