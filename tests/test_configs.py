@@ -36,6 +36,10 @@ def test_every_group_option_composes(group, option, tmp_path):
     cfg = compose_train([f"{group}={option}"], tmp_path)
     if group not in ("trainer", "logger", "callbacks"):
         validate(cfg)  # typed configs build from every option
+    if group == "trainer" and not isinstance(cfg.trainer.get("strategy", "auto"), str):
+        from hydra.utils import instantiate
+
+        instantiate(cfg.trainer.strategy)  # a strategy object builds without its devices
 
 
 def test_every_group_has_options():

@@ -101,8 +101,15 @@ def test_random_windows_are_a_function_of_seed_rank_step(tmp_path, tiny_text):
     assert torch.equal(x5[:, 1:], y5[:, :-1])  # targets are inputs shifted by one
     it = iter(RandomWindows(shards, 16, 4, seed=1, start_step=5))
     assert torch.equal(next(it)[0], x5)
-    assert not torch.equal(RandomWindows(shards, 16, 4, seed=1, rank=1).batch(5)[0], x5)
     assert not torch.equal(a.batch(6)[0], x5)
+    assert not torch.equal(RandomWindows(shards, 16, 4, seed=2).batch(5)[0], x5)
+    # Ranks hold slices of one global batch: 2 ranks of 4 rows = 1 process of 8 rows.
+    whole = RandomWindows(shards, 16, 8, seed=1).batch(5)[0]
+    ranks = [RandomWindows(shards, 16, 4, seed=1, rank=r, world_size=2).batch(5)[0] for r in (0, 1)]
+    assert torch.equal(torch.cat(ranks), whole)
+    assert not torch.equal(ranks[0], ranks[1])
+    with pytest.raises(ValueError, match="rank 2"):
+        RandomWindows(shards, 16, 4, seed=1, rank=2, world_size=2)
 
 
 def test_random_windows_cover_every_shard(tmp_path):

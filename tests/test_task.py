@@ -69,3 +69,30 @@ def test_optimizer_groups_decay_matrices_only():
 def test_bad_optim_values_raise(bad):
     with pytest.raises(ValueError):
         OptimConfig(**bad)
+
+
+@pytest.mark.parametrize("family", ["gpt", "bert"])
+def test_activation_checkpointing_gives_the_same_gradients(family):
+    from lmforge.models.bert import Bert, BertConfig
+    from lmforge.models.gpt import GPT
+
+    torch.manual_seed(0)
+    if family == "gpt":
+        model = GPT(
+            GPTConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
+        )
+    else:
+        model = Bert(
+            BertConfig(vocab_size=50, block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.1)
+        )
+    x = torch.randint(0, 50, (3, 16))
+    grads = []
+    for checkpointing in (False, True):
+        model.checkpoint_blocks = checkpointing
+        model.zero_grad()
+        torch.manual_seed(1)  # the same dropout masks (checkpointing replays the RNG state)
+        model(x).float().pow(2).mean().backward()
+        grads.append([p.grad.clone() for p in model.parameters() if p.grad is not None])
+    assert len(grads[0]) == len(grads[1]) > 0
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)

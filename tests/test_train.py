@@ -105,3 +105,27 @@ def test_bad_compile_value_is_refused(train_cfg):
 
     with pytest.raises(LMForgeError, match="task.compile"):
         train(train_cfg("task.compile=sometimes"))
+
+
+def test_global_batch_tokens_sets_accumulation(train_cfg):
+    """12 sequences x 32 tokens per micro-batch on one device: 768 tokens = 2 micro-batches."""
+    cfg = train_cfg(
+        "data.global_batch_tokens=768",
+        "trainer.max_steps=2",
+        "trainer.val_check_interval=4",
+        "logger=csv",
+        "callbacks=none",
+    )
+    train(cfg)
+    ckpt_free = Path(cfg.paths.output_dir) / "csv" / "hparams.yaml"
+    hparams = ckpt_free.read_text()
+    assert "batch/accumulate: 2" in hparams and "batch/global_tokens: 768" in hparams
+
+
+def test_global_batch_tokens_must_be_a_multiple(train_cfg):
+    from lmforge.errors import LMForgeError
+
+    with pytest.raises(
+        LMForgeError, match="not a multiple of .* = 384: use a multiple such as 768"
+    ):
+        train(train_cfg("data.global_batch_tokens=700", "logger=csv", "callbacks=none"))

@@ -2,17 +2,24 @@
 
 from __future__ import annotations
 
+import pickle
+import warnings
 from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer
 
 from lmforge.errors import LMForgeError
+from lmforge.files import atomic_torch_save
 from lmforge.models.gpt import GPT, GPTConfig
 
 
 def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint of ours as a dict: a single file, or a sharded (FSDP) directory consolidated
+    in memory (without optimizer states)."""
     path = Path(path)
+    if path.is_dir():
+        return read_sharded(path)
     if not path.is_file():
         raise LMForgeError(
             f"checkpoint {path} not found: pass ckpt_path=<run dir>/checkpoints/last.ckpt"
@@ -23,6 +30,97 @@ def load_checkpoint(path: str | Path) -> dict:
         raise LMForgeError(
             f"checkpoint {path} cannot be read ({type(e).__name__}): it is corrupt or not an lmforge checkpoint"
         ) from None
+
+
+_METADATA_CLASSES = {  # what the index of a torch.distributed.checkpoint directory may hold
+    ("pathlib", "PosixPath"),
+    ("pathlib", "PurePosixPath"),
+    ("pathlib", "WindowsPath"),
+    ("pathlib", "PureWindowsPath"),
+    ("torch", "Size"),
+    ("torch.serialization", "_get_layout"),
+    ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """The index (``.metadata``) of a distributed checkpoint is a pickle; this reads it with
+    nothing but checkpoint-metadata classes and dtypes allowed, as weights_only does for tensors."""
+
+    def find_class(self, module: str, name: str):
+        if (
+            (module, name) in _METADATA_CLASSES
+            or module == "torch.distributed.checkpoint.metadata"
+            or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+def _reader(path: Path):
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with open(path / ".metadata", "rb") as f:
+                metadata = _MetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(path)
+
+
+def read_sharded(path: Path) -> dict:
+    """A sharded checkpoint directory (Lightning's ModelParallelStrategy / FSDPStrategy) as one
+    plain checkpoint: full model weights and the run's metadata; optimizer states left out.
+
+    Only tensors are read from the shards (no pickled objects); ``meta.pt`` is read with
+    ``weights_only=True``.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    if not (path / ".metadata").is_file() or not (path / "meta.pt").is_file():
+        raise LMForgeError(
+            f"{path} is a directory but not a sharded lmforge checkpoint (no .metadata / meta.pt):"
+            " pass a checkpoint file or a directory written by trainer=fsdp"
+        )
+    try:
+        reader = _reader(path)
+        index = reader.read_metadata()
+        weights = {
+            fqn.removeprefix("state_dict."): torch.empty(md.size, dtype=md.properties.dtype)
+            for fqn, md in index.state_dict_metadata.items()
+            if fqn.startswith("state_dict.") and isinstance(md, TensorStorageMetadata)
+        }
+        with warnings.catch_warnings():  # "assuming the intent is to load in a single process"
+            warnings.simplefilter("ignore", UserWarning)
+            dcp.load({"state_dict": weights}, storage_reader=reader, no_dist=True)
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    except Exception as e:  # missing shard, truncated file, foreign classes
+        raise LMForgeError(
+            f"sharded checkpoint {path} cannot be read ({type(e).__name__}: {e}): it is incomplete"
+            " or corrupt"
+        ) from None
+    return meta | {"state_dict": weights}
+
+
+def consolidate(path: str | Path, output: str | Path | None = None) -> Path:
+    """Write the sharded checkpoint ``path`` as one file (default: ``<name>.consolidated.ckpt``
+    beside it) that ``lmforge-generate``, ``lmforge-eval`` and the exports read."""
+    path = Path(path)
+    if not path.is_dir():
+        raise LMForgeError(f"{path} is not a sharded checkpoint directory: nothing to consolidate")
+    output = (
+        Path(output)
+        if output
+        else path.with_name(path.name.removesuffix(".ckpt") + ".consolidated.ckpt")
+    )
+    atomic_torch_save(read_sharded(path), output)
+    return output
 
 
 def load_gpt(path: str | Path) -> tuple[GPT, Tokenizer | None]:

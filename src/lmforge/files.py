@@ -19,6 +19,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def atomic_torch_save(obj, path: Path) -> None:
+    """``torch.save`` to a temporary name, fsync, and rename it over ``path``."""
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 @contextlib.contextmanager
 def staged_dir(out: Path) -> Iterator[Path]:
     """Yield an empty directory beside ``out``; when the block succeeds it replaces ``out``

@@ -37,13 +37,28 @@ class TextSamples(L.Callback):
         ids = tokenizer.encode(self.prompt).ids or [0]
         idx = torch.tensor([ids] * self.num_samples, device=pl_module.device)
         gen = torch.Generator(device=pl_module.device).manual_seed(self.seed)
-        out = pl_module.model.generate(
-            idx, self.max_new_tokens, temperature=self.temperature, top_k=self.top_k, generator=gen
-        )
+        model = pl_module.model
+        # A sharded (FSDP2) root gathers its own parameters in a hook of __call__, which generate
+        # bypasses (it calls forward): gather them for the whole generation.
+        sharded_root = hasattr(model, "unshard")
+        if sharded_root:
+            model.unshard()
+        try:
+            out = model.generate(
+                idx,
+                self.max_new_tokens,
+                temperature=self.temperature,
+                top_k=self.top_k,
+                generator=gen,
+            )
+        finally:
+            if sharded_root:
+                model.reshard()
         return [tokenizer.decode(row.tolist()) for row in out]
 
-    @rank_zero_only
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Every rank generates (a sharded model all-gathers in each forward, so all ranks must
+        run the same forwards); rank 0 prints and logs."""
         dm = getattr(trainer, "datamodule", None)
         if trainer.sanity_checking or dm is None or not hasattr(dm, "tokenizer"):
             return
@@ -55,6 +70,11 @@ class TextSamples(L.Callback):
             self.last = self.generate(pl_module, dm.tokenizer)
         finally:
             pl_module.train(was_training)
+        if trainer.is_global_zero:
+            self.report(trainer)
+
+    @rank_zero_only
+    def report(self, trainer: L.Trainer) -> None:
         step = trainer.global_step
         for i, text in enumerate(self.last):
             print(f"\n----- sample {i} at step {step} -----\n{text}\n-----", flush=True)

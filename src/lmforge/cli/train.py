@@ -23,6 +23,7 @@ class RunConfig:
     data: Any
     task: dict[str, Any]  # the task's typed sections (optim, masking, ...): constructor kwargs
     compile: str  # task.compile: auto | true | false
+    activation_checkpointing: bool  # task.activation_checkpointing
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -43,10 +44,13 @@ def validate(cfg: DictConfig) -> RunConfig:
     compile_mode = str(cfg.task.get("compile", "auto")).lower()
     if compile_mode not in ("auto", "true", "false"):
         raise LMForgeError(f"task.compile={cfg.task.compile!r}: use auto (on CUDA), true or false")
+    checkpointing = cfg.task.get("activation_checkpointing", False)
+    if not isinstance(checkpointing, bool):
+        raise LMForgeError(f"task.activation_checkpointing={checkpointing!r}: use true or false")
     for key in ("max_steps",):
         if cfg.trainer.get(key) is not None and cfg.trainer[key] == 0:
             raise LMForgeError(f"trainer.{key} must be positive or -1, got 0")
-    return RunConfig(model, data, sections, compile_mode)
+    return RunConfig(model, data, sections, compile_mode, checkpointing)
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -78,6 +82,7 @@ def train(cfg: DictConfig) -> dict:
     task_cls = hydra.utils.get_class(cfg.task._target_)
     task = task_cls(model=model_cfg, **typed.task)
     task.compile = typed.compile
+    task.activation_checkpointing = typed.activation_checkpointing
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
 
@@ -85,9 +90,13 @@ def train(cfg: DictConfig) -> dict:
     callbacks = [
         hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c is not None
     ]
+    # Data parallelism is in the data module (each rank its rows of one global batch, its share
+    # of the validation windows), not in a DistributedSampler.
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks
+        cfg.trainer, logger=loggers or False, callbacks=callbacks, use_distributed_sampler=False
     )
+    refuse_multirun_with_ranks(trainer.world_size)
+    batch = global_batch(trainer, typed.data)
 
     out_dir = cfg.paths.output_dir
     if trainer.is_global_zero:
@@ -101,6 +110,7 @@ def train(cfg: DictConfig) -> dict:
         logger.log_hyperparams(
             OmegaConf.to_container(cfg, resolve=True)
             | {"params/total": n_params, "params/non_embedding": n_params - n_embedding}
+            | batch
         )
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=cfg.ckpt_path)
@@ -112,6 +122,54 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         report(trainer, metrics, out_dir)
     return metrics
+
+
+def refuse_multirun_with_ranks(world_size: int) -> None:
+    """Hydra's -m and a multi-process strategy do not mix: every rank would run the sweep itself
+    (Lightning's launcher re-runs the command line in each child), and a sampling sweeper such as
+    Optuna's would hand the ranks different hyperparameters."""
+    if world_size <= 1:
+        return
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if HydraConfig.initialized() and HydraConfig.get().mode == RunMode.MULTIRUN:
+        raise LMForgeError(
+            f"-m (multirun) cannot drive a {world_size}-process strategy: every rank would run"
+            " its own sweep. Sweep with one launch per trial instead, e.g. `for lr in 3e-4 6e-4;"
+            " do lmforge-train trainer=ddp task.optim.lr=$lr; done`, or sweep with one process"
+            " per trial (trainer=cpu / trainer=gpu)"
+        )
+
+
+def global_batch(trainer, data) -> dict[str, int]:
+    """Derive the accumulation from data.global_batch_tokens when set; report the global batch."""
+    per_step = data.batch_size * data.seq_len * trainer.world_size  # tokens per micro-batch step
+    if data.global_batch_tokens is not None:
+        accumulate, rest = divmod(data.global_batch_tokens, per_step)
+        if accumulate < 1 or rest:
+            raise LMForgeError(
+                f"data.global_batch_tokens={data.global_batch_tokens} is not a multiple of"
+                f" data.batch_size x data.seq_len x devices = {data.batch_size} x {data.seq_len} x"
+                f" {trainer.world_size} = {per_step}: use a multiple such as"
+                f" {max(1, round(data.global_batch_tokens / per_step)) * per_step}"
+            )
+        trainer.accumulate_grad_batches = accumulate
+    accumulate = trainer.accumulate_grad_batches
+    sequences = data.batch_size * accumulate * trainer.world_size
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(
+        f"global batch: {sequences} sequences x {data.seq_len} tokens = {sequences * data.seq_len:,}"
+        f" tokens per optimizer step (batch {data.batch_size} x accumulate {accumulate} x"
+        f" {trainer.world_size} devices)"
+    )
+    return {
+        "batch/global_sequences": sequences,
+        "batch/global_tokens": sequences * data.seq_len,
+        "batch/accumulate": accumulate,
+        "batch/world_size": trainer.world_size,
+    }
 
 
 def report(trainer, metrics: dict, out_dir: str) -> None:

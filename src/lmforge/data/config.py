@@ -23,10 +23,17 @@ class DataConfig:
     )
     num_workers: int = 0  # DataLoader worker processes
     pin_memory: bool = True  # only takes effect on CUDA
+    # tokens per optimizer step over all devices; sets trainer.accumulate_grad_batches to
+    # global_batch_tokens / (batch_size x seq_len x world size). null: take accumulate as set
+    global_batch_tokens: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("batch_size", "seq_len"):
             if getattr(self, name) <= 0:
                 raise LMForgeError(f"data.{name} must be positive, got {getattr(self, name)}")
+        if self.global_batch_tokens is not None and self.global_batch_tokens <= 0:
+            raise LMForgeError(
+                f"data.global_batch_tokens must be positive or null, got {self.global_batch_tokens}"
+            )
         if self.num_workers < 0:
             raise LMForgeError(f"data.num_workers must be >= 0, got {self.num_workers}")

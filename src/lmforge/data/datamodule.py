@@ -18,6 +18,7 @@ from lmforge.data.datasets import (
     MLMBatches,
     MLMValWindows,
     RandomWindows,
+    RankShard,
     SequentialWindows,
     document_starts,
     open_split,
@@ -70,13 +71,21 @@ class TokenDataModule(L.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         c = self.config
-        rank = self.trainer.global_rank if self.trainer is not None else 0
+        rank, world = (
+            (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        )
         # Masked-LM sequences hold [CLS] and [SEP] around the window.
         window = c.seq_len - 2 if self.masking else c.seq_len
         if stage in ("fit", None):
             starts = document_starts(c.dir, "train") if c.align_to_documents else None
             self.train_set = RandomWindows(
-                open_split(c.dir, "train"), window, c.batch_size, self.seed, rank, doc_starts=starts
+                open_split(c.dir, "train"),
+                window,
+                c.batch_size,
+                self.seed,
+                rank,
+                world,
+                doc_starts=starts,
             )
         self.val_set = SequentialWindows(open_split(c.dir, "val"), window, c.max_val_windows)
         if self.masking:
@@ -84,6 +93,8 @@ class TokenDataModule(L.LightningDataModule):
             if self.train_set is not None and not isinstance(self.train_set, MLMBatches):
                 self.train_set = MLMBatches(self.train_set, masker, cls_id, sep_id)
             self.val_set = MLMValWindows(self.val_set, masker, cls_id, sep_id, self.seed)
+        if world > 1:
+            self.val_set = RankShard(self.val_set, rank, world)  # each window on one rank
 
     def _pin(self) -> bool:
         return (

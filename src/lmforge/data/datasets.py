@@ -1,7 +1,8 @@
 """Datasets over memory-mapped token shards.
 
-Training draws random windows; the windows of micro-batch ``s`` are a function of
-``(seed, rank, s)`` alone, so the data order is reproducible and a run can restart at any step.
+Training draws random windows. Micro-batch ``s`` of every rank is a slice of one global batch
+drawn from ``(seed, s)`` alone: the data order is reproducible, a run can restart at any step, and
+W ranks of batch B see exactly the samples one process of batch W x B sees.
 Windows run across document boundaries (as nanoGPT's) or, as an option, start at a document's
 first token. Validation sweeps fixed, non-overlapping windows in order.
 """
@@ -89,11 +90,14 @@ class RandomWindows(StepStream):
         batch_size: int,
         seed: int,
         rank: int = 0,
+        world_size: int = 1,
         start_step: int = 0,
         doc_starts: np.ndarray | None = None,
     ) -> None:
         self.shards, self.seq_len, self.batch_size = shards, seq_len, batch_size
-        self.seed, self.rank, self.start_step = seed, rank, start_step
+        self.seed, self.rank, self.world_size, self.start_step = seed, rank, world_size, start_step
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} outside a world of {world_size} processes")
         n_starts = np.array([max(len(s) - seq_len, 0) for s in shards], dtype=np.int64)
         self.cum_starts = np.cumsum(n_starts)
         self.starts = None  # (shard, offset) of every allowed start when aligned to documents
@@ -113,13 +117,22 @@ class RandomWindows(StepStream):
                 " or prepare more data"
             )
 
+    @property
+    def first_row(self) -> int:
+        """This rank's first row in the global batch."""
+        return self.rank * self.batch_size
+
     def batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, self.rank, step])
+        # Draw the global batch's starts (cheap: integers), keep this rank's rows.
+        rng = np.random.default_rng([self.seed, step])
+        rows = slice(self.first_row, self.first_row + self.batch_size)
         if self.starts is not None:
-            pick = rng.integers(0, self.starts[0].size, size=self.batch_size)
+            pick = rng.integers(0, self.starts[0].size, size=self.batch_size * self.world_size)[
+                rows
+            ]
             shard_ids, offs = self.starts[0][pick], self.starts[1][pick]
         else:
-            pos = rng.integers(0, self.cum_starts[-1], size=self.batch_size)
+            pos = rng.integers(0, self.cum_starts[-1], size=self.batch_size * self.world_size)[rows]
             shard_ids = np.searchsorted(self.cum_starts, pos, side="right")
             offs = pos - np.concatenate([[0], self.cum_starts[:-1]])[shard_ids]
         window = np.arange(self.seq_len + 1)
@@ -158,6 +171,37 @@ class SequentialWindows(Dataset):
         return t[:-1], t[1:]
 
 
+class RankShard(Dataset):
+    """Rank ``rank``'s share of a validation set: items rank, rank + W, rank + 2W, ...
+
+    Every item goes to exactly one rank. Ranks short of ``ceil(N / W)`` items get blank ones
+    (every target ignored) so that all ranks run the same number of forward passes (sharded
+    models all-gather in each); blanks add nothing to token-weighted sums. Lightning's
+    DistributedSampler would instead repeat real items, counting them twice.
+    """
+
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+        self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.n = len(dataset)
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world_size)
+
+    def __getitem__(self, i: int):
+        j = self.rank + i * self.world_size
+        if j < self.n:
+            return self.dataset[j]
+        return blank(self.dataset[0])
+
+
+def blank(sample):
+    """``sample`` with every target ignored (-100)."""
+    if isinstance(sample, dict):
+        return sample | {"labels": torch.full_like(sample["labels"], -100)}
+    x, y = sample
+    return x, torch.full_like(y, -100)
+
+
 def step_generator(*key: int) -> torch.Generator:
     """A torch generator seeded from a tuple of integers (seed, rank, step, ...)."""
     return torch.Generator().manual_seed(
@@ -169,7 +213,8 @@ class MLMBatches(StepStream):
     """Endless masked-LM batches: ``[CLS] window [SEP]`` packed from consecutive documents.
 
     Yields dicts of ``input_ids``, ``labels`` (-100 where not selected) and ``token_type_ids``;
-    the windows and masks of micro-batch ``s`` are a function of ``(seed, rank, s)``.
+    the mask of each row of the global batch is drawn from ``(seed, s, row)``, so masks, like
+    windows, do not depend on how the global batch is split across ranks.
     """
 
     def __init__(self, windows: RandomWindows, masker, cls_id: int, sep_id: int) -> None:
@@ -179,9 +224,8 @@ class MLMBatches(StepStream):
     def batch(self, step: int) -> dict[str, torch.Tensor]:
         x, _ = self.windows.batch(step)
         w = self.windows
-        return mlm_sample(
-            x, self.masker, self.cls_id, self.sep_id, step_generator(w.seed, w.rank, step)
-        )
+        rows = [step_generator(w.seed, step, w.first_row + i) for i in range(x.size(0))]
+        return mlm_sample(x, self.masker, self.cls_id, self.sep_id, rows)
 
 
 class MLMValWindows(Dataset):
@@ -210,7 +254,11 @@ class MLMValWindows(Dataset):
 
 
 def mlm_sample(
-    x: torch.Tensor, masker, cls_id: int, sep_id: int, generator: torch.Generator
+    x: torch.Tensor,
+    masker,
+    cls_id: int,
+    sep_id: int,
+    generator: torch.Generator | list[torch.Generator],
 ) -> dict:
     B = x.size(0)
     ids = torch.cat([torch.full((B, 1), cls_id), x, torch.full((B, 1), sep_id)], dim=1)  # (B, T)

@@ -61,11 +61,19 @@ class Masker:
             )
 
     def __call__(
-        self, ids: torch.Tensor, generator: torch.Generator
+        self, ids: torch.Tensor, generator: torch.Generator | list[torch.Generator]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (corrupted ids, labels): labels hold the original id where selected, else -100."""
+        """Returns (corrupted ids, labels): labels hold the original id where selected, else -100.
+
+        ``generator``: one for the batch, or one per row (a row's mask then depends on its own
+        generator alone, whatever batch it is part of).
+        """
+        if isinstance(generator, torch.Generator):
+            rand, how, pick = torch.rand((3, *ids.shape), generator=generator)
+        else:
+            noise = [torch.rand((3, ids.size(1)), generator=g) for g in generator]
+            rand, how, pick = torch.stack(noise, dim=1)  # each (B, T)
         eligible = ~self.special[ids]
-        rand = torch.rand(ids.shape, generator=generator)
         if self.cfg.whole_word:
             # Every piece of a word takes the draw of the word's first piece. Continuations cut
             # from their first piece by the window's start share word 0, which is never selected.
@@ -76,14 +84,14 @@ class Masker:
             rand = torch.gather(per_word, 1, word)
         selected = eligible & (rand < self.cfg.mask_prob)
         labels = torch.where(selected, ids, torch.full_like(ids, -100))
-        how = torch.rand(ids.shape, generator=generator)
         to_mask = selected & (how < self.cfg.replace_mask)
         to_random = (
             selected
             & (how >= self.cfg.replace_mask)
             & (how < self.cfg.replace_mask + self.cfg.replace_random)
         )
-        random_ids = self.normal[torch.randint(len(self.normal), ids.shape, generator=generator)]
+        n = len(self.normal)
+        random_ids = self.normal[(pick * n).long().clamp_max(n - 1)]
         out = torch.where(to_mask, torch.full_like(ids, self.mask_id), ids)
         out = torch.where(to_random, random_ids, out)
         return out, labels

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.layers import MLP, Attention
 
@@ -108,6 +109,9 @@ class Bert(nn.Module):
         self.emb_ln = nn.LayerNorm(c.n_embd, eps=c.ln_eps)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(c) for _ in range(c.n_layer))
+        self.checkpoint_blocks = (
+            False  # activation checkpointing: keep only block inputs in training
+        )
         self.ln_f = nn.LayerNorm(c.n_embd, eps=c.ln_eps) if c.pre_ln else nn.Identity()
         self.mlm_head = MLMHead(c, self.tok_emb)
         self.pooler = nn.Linear(c.n_embd, c.n_embd)
@@ -166,7 +170,10 @@ class Bert(nn.Module):
         if attention_mask is not None and not bool(attention_mask.all()):
             mask = attention_mask[:, None, None, :].bool()  # (B, 1, 1, T): keys each query may see
         for block in self.blocks:
-            x = block(x, mask)
+            if self.checkpoint_blocks and self.training:
+                x = checkpoint(block, x, mask, use_reentrant=False)  # recomputed in backward
+            else:
+                x = block(x, mask)
         return self.ln_f(x)
 
     def mlm_logits(

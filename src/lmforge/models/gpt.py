@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from lmforge.models.layers import MLP, Attention, KVCache, rotary_tables
 
@@ -86,6 +87,9 @@ class GPT(nn.Module):
         )
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.checkpoint_blocks = (
+            False  # activation checkpointing: keep only block inputs in training
+        )
         self.ln_f = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.pos_emb == "rotary":
@@ -148,7 +152,10 @@ class GPT(nn.Module):
             rope = (self.rope_cos, self.rope_sin)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, rope=rope, cache=cache, layer=i, past=past)
+            if self.checkpoint_blocks and self.training:
+                x = checkpoint(block, x, rope=rope, use_reentrant=False)  # recomputed in backward
+            else:
+                x = block(x, rope=rope, cache=cache, layer=i, past=past)
         logits = self.lm_head(self.ln_f(x))  # (B, T, padded_vocab_size)
         return logits[..., : self.config.vocab_size]
 

@@ -8,6 +8,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info
+from torch.distributed.tensor.experimental import implicit_replication
 
 from lmforge.tasks.optim import OptimConfig, lr_at
 
@@ -50,7 +51,10 @@ class LMTask(L.LightningModule):
     compile: str = (
         "auto"  # torch.compile the model: auto (on CUDA) | true | false; set from task.compile
     )
-    _compiled: bool = False
+    activation_checkpointing: bool = (
+        False  # recompute each block in the backward; task.activation_checkpointing
+    )
+    _configured: bool = False
     _step_sum: torch.Tensor | None = None
     _step_tokens: torch.Tensor | None = None
     _scale: float = 1.0
@@ -67,15 +71,38 @@ class LMTask(L.LightningModule):
         return loss_sum / scale
 
     def configure_model(self) -> None:
-        """Compile the model (not the LightningModule) in place, so state-dict keys stay the
-        model's own; by default only on CUDA, where it pays (on a CPU it costs 30-40 s a shape
-        for at most 1.25x)."""
-        device = self.trainer.strategy.root_device
-        if not self._compiled and (
-            self.compile == "true" or (self.compile == "auto" and device.type == "cuda")
-        ):
+        """Activation checkpointing, compilation and sharding, applied once to the model (not the
+        LightningModule, so state-dict keys stay the model's own).
+
+        Compilation by default only on CUDA, where it pays (on a CPU it costs 30-40 s a shape for
+        at most 1.25x). Under FSDP each block is compiled, then sharded as one unit.
+        """
+        if self._configured:
+            return
+        self._configured = True
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        from lmforge.parallel import shard
+
+        strategy = self.trainer.strategy
+        self.model.checkpoint_blocks = self.activation_checkpointing
+        compile_model = self.compile == "true" or (
+            self.compile == "auto" and strategy.root_device.type == "cuda"
+        )
+        if isinstance(strategy, ModelParallelStrategy):
+            if compile_model:
+                for block in self.model.blocks:
+                    block.compile()
+            shard(
+                self.model,
+                self.device_mesh["data_parallel"],
+                self.model.blocks,
+                bf16=str(self.trainer.precision).startswith("bf16"),
+                cpu_offload=getattr(strategy, "cpu_offload", False),
+                reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
+            )
+        elif compile_model:
             self.model.compile()
-            self._compiled = True
 
     def on_train_start(self) -> None:
         self._trainable = [
@@ -115,7 +142,8 @@ class LMTask(L.LightningModule):
             if hasattr(norm, "full_tensor"):  # sharded (FSDP) gradients
                 norm = norm.full_tensor()
             factor = factor * torch.clamp(gradient_clip_val / (norm + 1e-6), max=1.0)
-        torch._foreach_mul_(grads, factor.to(grads[0].dtype))  # no host sync
+        with implicit_replication():  # sharded (DTensor) gradients times a plain scalar tensor
+            torch._foreach_mul_(grads, factor.to(grads[0].dtype))  # no host sync
         if gradient_clip_val and not by_norm:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # by value
 

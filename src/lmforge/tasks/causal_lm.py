@@ -33,10 +33,11 @@ class CausalLMTask(LMTask):
     def validation_step(self, batch, batch_idx):
         x, y = batch
         loss_sum, n = token_loss(self.model(x), y)
-        self.val_loss.update(loss_sum / n, weight=n)
+        self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)  # n = 0: a rank's blank window
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # reduced across ranks, weighted by tokens
         self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp())
+        # The values are already reduced over ranks; sync_dist marks them so (a mean of equals).
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", loss.exp(), sync_dist=True)

@@ -60,15 +60,15 @@ class MaskedLMTask(LMTask):
 
     def validation_step(self, batch, batch_idx):
         loss_sum, n, correct = self.mlm_loss(batch)
-        if n > 0:
-            self.val_loss.update(loss_sum / n, weight=n)
-            self.val_acc.update(correct / n, weight=n)
+        self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)  # n = 0 adds nothing
+        self.val_acc.update(correct / n.clamp(min=1), weight=n)
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # reduced across ranks, weighted by masked tokens
         acc = self.val_acc.compute()
         self.val_loss.reset()
         self.val_acc.reset()
-        self.log("val/loss", loss, prog_bar=True)
-        self.log("val/ppl", loss.exp())
-        self.log("val/mlm_acc", acc, prog_bar=True)
+        # The values are already reduced over ranks; sync_dist marks them so (a mean of equals).
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", loss.exp(), sync_dist=True)
+        self.log("val/mlm_acc", acc, prog_bar=True, sync_dist=True)

@@ -1,0 +1,69 @@
+"""Fully sharded data parallelism (FSDP2) under Lightning, on GPUs (NCCL) and CPUs (gloo).
+
+Lightning's ``fsdp`` strategy wraps modules with FSDP1 and refuses the CPU; its
+``ModelParallelStrategy`` leaves the sharding to the LightningModule's ``configure_model`` and
+runs anywhere ``torch.distributed`` does. ``FSDPStrategy`` is that strategy with every process
+in the data-parallel dimension (no tensor parallelism) and the sharding options in the trainer
+config; ``shard`` applies them: one FSDP unit per transformer block, then the root (embeddings,
+final norm and the head tied to the embedding).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from lightning.pytorch.strategies import ModelParallelStrategy
+from torch import nn
+
+
+class FSDPStrategy(ModelParallelStrategy):
+    """FSDP2 over all processes.
+
+    ``cpu_offload``: keep sharded parameters, gradients and optimizer states in host memory.
+    ``reshard_after_forward``: free gathered parameters after each block's forward (ZeRO-3);
+    ``False`` keeps them until the backward (ZeRO-2: more memory, one all-gather less).
+    Mixed precision follows ``trainer.precision``: with ``bf16-mixed`` parameters are gathered
+    and used in bf16 and gradients reduced in fp32.
+    """
+
+    def __init__(
+        self, cpu_offload: bool = False, reshard_after_forward: bool = True, **kwargs
+    ) -> None:
+        super().__init__(data_parallel_size="auto", tensor_parallel_size=1, **kwargs)
+        self.cpu_offload = cpu_offload
+        self.reshard_after_forward = reshard_after_forward
+
+    def setup_environment(self) -> None:
+        # Every process shards the data (the parent's "auto" would take one per node).
+        self._data_parallel_size = self.num_nodes * self.num_processes
+        super().setup_environment()
+
+
+def shard(
+    model: nn.Module,
+    mesh,
+    blocks: nn.ModuleList,
+    bf16: bool,
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+) -> None:
+    """Apply ``fully_shard`` to each of ``blocks``, then to ``model``, in place."""
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+
+    # The GPT returns its logits as a slice (padded vocabulary rows dropped); FSDP warns about
+    # in-place edits of such views, which no lmforge loss makes.
+    warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+
+    options = {"mesh": mesh, "reshard_after_forward": reshard_after_forward}
+    if bf16:
+        options["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch.bfloat16, reduce_dtype=torch.float32
+        )
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy()
+    for block in blocks:
+        fully_shard(block, **options)
+    # The root gathers the embeddings and head; after the forward it keeps them for the backward
+    # (the head runs last, so resharding would gather them again at once).
+    fully_shard(model, **(options | {"reshard_after_forward": False}))

@@ -1,0 +1,269 @@
+"""DDP and FSDP2 on CPU processes (gloo): the same numbers as one process.
+
+Every distributed run is launched as its own process tree (``lmforge-train`` with Lightning's
+launcher, or ``torchrun``), never inside pytest: Lightning's launcher would re-run pytest.
+The runs of one model family share a module-scoped fixture; each takes 10-20 s on 2 cores.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import consolidate, load_checkpoint
+from lmforge.data.datasets import RankShard, SequentialWindows, blank, open_split
+
+from .conftest import ROOT, SHAKESPEARE
+
+STEPS = 10
+# A schedule that does not depend on max_steps, so a resumed run may run longer.
+SCHEDULE = ["task.optim.warmup_steps=2", "task.optim.decay_steps=40", "task.optim.lr=3e-3"]
+
+
+def run_train(
+    log_dir: Path,
+    name: str | None,
+    *overrides: str,
+    launcher: list[str] | None = None,
+    multirun: bool = False,
+    wandb: str = "disabled",
+):
+    env = os.environ | {"WANDB_MODE": wandb, "PYTHONUNBUFFERED": "1"}
+    cmd = (launcher or [sys.executable, "-m"]) + ["lmforge.cli.train"] + ["-m"] * multirun
+    proc = subprocess.run(
+        [
+            *cmd,
+            "logger=csv",
+            "callbacks.progress_bar=null",
+            "trainer.enable_model_summary=false",
+            f"paths.log_dir={log_dir}",
+            *([f"run_name={name}"] if name else []),
+            *overrides,
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=env,
+        timeout=600,
+    )
+    return proc
+
+
+def ok(proc) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def final_val_loss(run_dir: Path) -> float:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("val/loss")]
+    return float(rows[-1]["val/loss"])
+
+
+def weights(ckpt: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(ckpt)["state_dict"]
+
+
+def assert_close(a: dict, b: dict, tol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst <= tol, f"parameters differ by up to {worst:.2e}"
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("corpus") / "tiny.txt"
+    path.write_text(SHAKESPEARE.read_text()[:60_000])
+    return path
+
+
+@pytest.fixture(scope="module")
+def gpt_runs(tmp_path_factory, corpus):
+    """GPT: one process of batch 8; 2 DDP ranks of 4; 2 FSDP ranks of 4 (10 steps each)."""
+    logs = tmp_path_factory.mktemp("gpt")
+    common = [
+        "model=gpt-nano",
+        "callbacks.text_samples.max_new_tokens=8",  # every rank generates (FSDP gathers)
+        f"data.dir={logs}/data",
+        f"data.prepare.source.paths=[{corpus}]",
+        "data.max_val_windows=45",  # odd: two ranks get 23 and 22 (+1 blank) windows
+        "data.val_batch_size=4",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.val_check_interval={STEPS}",
+        *SCHEDULE,
+    ]
+    ok(run_train(logs, "single", *common, "trainer=cpu", "data.batch_size=8"))
+    ddp = ok(run_train(logs, "ddp", *common, "trainer=ddp_cpu", "data.batch_size=4"))
+    fsdp = [*common, "trainer=fsdp_cpu", "data.batch_size=4", "task.activation_checkpointing=true"]
+    ok(run_train(logs, "fsdp", *fsdp, "logger=default", wandb="offline"))
+    return logs / "causal_lm", common, ddp
+
+
+@pytest.fixture(scope="module")
+def bert_runs(tmp_path_factory, corpus):
+    logs = tmp_path_factory.mktemp("bert")
+    common = [
+        "experiment=bert_shakespeare_mlm_cpu",
+        "model=bert-nano",
+        f"data.dir={logs}/data",
+        f"data.prepare.source.paths=[{corpus}]",
+        "data.prepare.tokenizer.vocab_size=500",
+        "data.max_val_windows=21",
+        "data.val_batch_size=4",
+        f"trainer.max_steps={STEPS}",
+        f"trainer.val_check_interval={STEPS}",
+        *SCHEDULE,
+    ]
+    ok(run_train(logs, "single", *common, "trainer=cpu", "data.batch_size=8"))
+    ok(run_train(logs, "ddp", *common, "trainer=ddp_cpu", "data.batch_size=4"))
+    ok(run_train(logs, "fsdp", *common, "trainer=fsdp_cpu", "data.batch_size=4"))
+    return logs / "masked_lm"
+
+
+def test_rank_shards_cover_validation_once():
+    """Each window on exactly one rank; short ranks padded with blanks that carry no target."""
+    data = list(range(7))
+
+    class Items(torch.utils.data.Dataset):
+        def __len__(self):
+            return len(data)
+
+        def __getitem__(self, i):
+            return torch.tensor([i]), torch.tensor([i])
+
+    shards = [RankShard(Items(), r, 3) for r in range(3)]
+    assert {len(s) for s in shards} == {3}  # same number of forward passes on every rank
+    seen = [int(s[i][1]) for s in shards for i in range(len(s)) if int(s[i][1]) != -100]
+    assert sorted(seen) == data
+    x, y = blank((torch.tensor([5, 6]), torch.tensor([6, 7])))
+    assert x.tolist() == [5, 6] and y.tolist() == [-100, -100]
+
+
+def test_ddp_and_fsdp_match_one_process_gpt(gpt_runs):
+    runs, _, ddp = gpt_runs
+    single = weights(runs / "single" / "checkpoints" / "last.ckpt")
+    assert_close(weights(runs / "ddp" / "checkpoints" / "last.ckpt"), single)
+    sharded = runs / "fsdp" / "checkpoints" / "last.ckpt"
+    assert sharded.is_dir() and (sharded / ".metadata").is_file()  # a distributed checkpoint
+    assert_close(weights(consolidate(sharded)), single)
+    assert "global batch: 8 sequences x 32 tokens = 256 tokens" in ddp.stdout + ddp.stderr
+
+
+def test_two_ranks_write_one_wandb_run_and_one_csv(gpt_runs):
+    runs, _, _ = gpt_runs
+    assert len(list((runs / "fsdp" / "wandb").glob("offline-run-*"))) == 1
+    assert len(list((runs / "fsdp").rglob("metrics.csv"))) == 1
+
+
+def test_two_rank_validation_equals_one_rank(gpt_runs):
+    runs, _, _ = gpt_runs
+    one = final_val_loss(runs / "single")
+    assert final_val_loss(runs / "ddp") == pytest.approx(one, abs=1e-5)
+    assert final_val_loss(runs / "fsdp") == pytest.approx(one, abs=1e-5)
+
+
+def test_consolidated_fsdp_checkpoint_gives_the_sharded_models_outputs(gpt_runs):
+    """The validation loss the two FSDP ranks reported, recomputed by the plain model loaded
+    from the consolidated file, on one process."""
+    from lmforge.checkpoint import load_gpt
+
+    runs, _, _ = gpt_runs
+    model, _ = load_gpt(consolidate(runs / "fsdp" / "checkpoints" / "last.ckpt"))
+    data_dir = runs.parent / "data"
+    windows = SequentialWindows(open_split(data_dir, "val"), 32, max_windows=45)
+    x = torch.stack([windows[i][0] for i in range(len(windows))])
+    y = torch.stack([windows[i][1] for i in range(len(windows))])
+    with torch.no_grad():
+        loss = torch.nn.functional.cross_entropy(model(x).flatten(0, 1), y.flatten())
+    assert loss.item() == pytest.approx(final_val_loss(runs / "fsdp"), abs=1e-6)
+
+
+def test_fsdp_resumes_on_two_ranks_and_on_one(gpt_runs):
+    """The sharded checkpoint of step 10 resumes to step 14 on 2 ranks and on 1; both end where
+    one uninterrupted single-process run of 14 steps ends."""
+    runs, common, _ = gpt_runs
+    ckpt = runs / "fsdp" / "checkpoints" / "last.ckpt"
+    more = [*common, "trainer.max_steps=14", "trainer.val_check_interval=14"]
+    logs = runs.parent
+    ok(
+        run_train(
+            logs, "resume2", *more, "trainer=fsdp_cpu", "data.batch_size=4", f"ckpt_path={ckpt}"
+        )
+    )
+    ok(
+        run_train(
+            logs,
+            "resume1",
+            *more,
+            "trainer=fsdp_cpu",
+            "trainer.devices=1",
+            "data.batch_size=8",
+            f"ckpt_path={ckpt}",
+        )
+    )
+    ok(run_train(logs, "single14", *more, "trainer=cpu", "data.batch_size=8"))
+    reference = weights(runs / "single14" / "checkpoints" / "last.ckpt")
+    for name in ("resume2", "resume1"):
+        state = load_checkpoint(runs / name / "checkpoints" / "last.ckpt")
+        assert state["global_step"] == 14
+        assert_close(state["state_dict"], reference)
+
+
+def test_ddp_and_fsdp_match_one_process_bert(bert_runs):
+    single = weights(bert_runs / "single" / "checkpoints" / "last.ckpt")
+    assert_close(weights(bert_runs / "ddp" / "checkpoints" / "last.ckpt"), single)
+    assert_close(weights(bert_runs / "fsdp" / "checkpoints" / "last.ckpt"), single)
+    one = final_val_loss(bert_runs / "single")
+    assert final_val_loss(bert_runs / "ddp") == pytest.approx(one, abs=1e-5)
+    assert final_val_loss(bert_runs / "fsdp") == pytest.approx(one, abs=1e-5)
+
+
+def test_torchrun_launch_writes_one_run(gpt_runs):
+    """torchrun starts the ranks itself (Lightning detects it); they share one run directory."""
+    runs, common, _ = gpt_runs
+    launcher = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        "-m",
+    ]
+    proc = ok(
+        run_train(
+            runs.parent / "torchrun",
+            None,  # every rank resolves the run name from torchrun's run id
+            *common,
+            "trainer=ddp_cpu",
+            "data.batch_size=4",
+            launcher=launcher,
+        )
+    )
+    run_dirs = list((runs.parent / "torchrun" / "causal_lm").iterdir())
+    assert len(run_dirs) == 1
+    single = weights(runs / "single" / "checkpoints" / "last.ckpt")
+    assert_close(weights(run_dirs[0] / "checkpoints" / "last.ckpt"), single)
+    assert proc.stdout.count("val/loss") >= 1
+
+
+def test_multirun_with_ddp_refuses_at_start(tmp_path, corpus):
+    proc = run_train(
+        tmp_path,
+        "sweep",
+        "callbacks.text_samples=null",
+        "model=gpt-nano",
+        "trainer=ddp_cpu",
+        f"data.dir={tmp_path}/data",
+        f"data.prepare.source.paths=[{corpus}]",
+        "task.optim.lr=1e-3,2e-3",
+        multirun=True,
+    )
+    assert proc.returncode == 2
+    assert "-m (multirun) cannot drive a 2-process strategy" in proc.stderr
+    assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
