@@ -191,11 +191,7 @@ def test_fsdp_resumes_on_two_ranks_and_on_one(gpt_runs):
     ckpt = runs / "fsdp" / "checkpoints" / "last.ckpt"
     more = [*common, "trainer.max_steps=14", "trainer.val_check_interval=14"]
     logs = runs.parent
-    ok(
-        run_train(
-            logs, "resume2", *more, "trainer=fsdp_cpu", "data.batch_size=4", f"ckpt_path={ckpt}"
-        )
-    )
+    ok(run_train(logs, "resume2", *more, "trainer=fsdp_cpu", "data.batch_size=4", f"resume={ckpt}"))
     ok(
         run_train(
             logs,
@@ -204,7 +200,7 @@ def test_fsdp_resumes_on_two_ranks_and_on_one(gpt_runs):
             "trainer=fsdp_cpu",
             "trainer.devices=1",
             "data.batch_size=8",
-            f"ckpt_path={ckpt}",
+            f"resume={ckpt}",
         )
     )
     ok(run_train(logs, "single14", *more, "trainer=cpu", "data.batch_size=8"))

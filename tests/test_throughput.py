@@ -61,6 +61,7 @@ def test_bert_flops_count_sparse_prediction():
 
 def test_callback_reports_tokens_per_second_without_mfu_on_cpu(train_cfg):
     import csv
+    import shutil
     from pathlib import Path
 
     from lmforge.cli.train import train
@@ -86,6 +87,7 @@ def test_callback_reports_tokens_per_second_without_mfu_on_cpu(train_cfg):
         )  # gpt-nano: 32 tokens a row
         assert 0 <= float(r["perf/data_wait_frac"]) < 1
         assert not r.get("perf/mfu")
+    shutil.rmtree(cfg.paths.output_dir)  # the same run directory: a fresh run, not a resume
     overridden = train(
         train_cfg(
             "trainer.max_steps=16",

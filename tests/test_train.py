@@ -25,8 +25,9 @@ def test_short_run_writes_checkpoints_metrics_and_config(train_cfg, tmp_path):
     metrics = train(cfg)
     run = Path(cfg.paths.output_dir)
     assert (run / "checkpoints" / "last.ckpt").is_file()
-    best = [p for p in (run / "checkpoints").glob("step*.ckpt")]
-    assert len(best) == 1
+    best = list((run / "checkpoints").glob("step*-val_loss*.ckpt"))
+    assert len(best) == 1  # the best by val/loss
+    assert (run / "checkpoints" / "step000020.ckpt").is_file()  # the final step
     rows = read_metrics(run)
     val = [float(r["val/loss"]) for r in rows if r.get("val/loss")]
     assert len(val) == 2 and val[-1] == pytest.approx(metrics["val/loss"])

@@ -123,6 +123,41 @@ def consolidate(path: str | Path, output: str | Path | None = None) -> Path:
     return output
 
 
+def checkpoint_step(path: Path) -> int | None:
+    """The optimizer step a checkpoint (file or sharded directory) was saved at; None when it is
+    incomplete or unreadable (a crash while writing). Tensors are memory-mapped, not read."""
+    try:
+        if path.is_dir():
+            if not (path / ".metadata").is_file():
+                return None
+            meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+        else:
+            meta = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return int(meta["global_step"])
+    except Exception:
+        return None
+
+
+def find_resume(ckpt_dir: Path) -> tuple[Path, int] | None:
+    """The newest complete checkpoint in ``ckpt_dir`` (the highest step; the latest written among
+    equals) and its step, warning about every unreadable one passed over."""
+    best = None
+    paths = sorted(
+        (p for p in ckpt_dir.glob("*.ckpt") if not p.name.startswith(".")),
+        key=lambda p: p.stat().st_mtime,
+    )
+    for path in paths:
+        step = checkpoint_step(path)
+        if step is None:
+            warnings.warn(
+                f"checkpoint {path} is incomplete or corrupt (a crash while writing?): passed over",
+                stacklevel=2,
+            )
+        elif best is None or step >= best[1]:
+            best = (path, step)
+    return best
+
+
 def load_gpt(path: str | Path) -> tuple[GPT, Tokenizer | None]:
     """The GPT and tokenizer stored in a causal-LM checkpoint of ours, in eval mode on the CPU."""
     ckpt = load_checkpoint(path)

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import netrc
 import os
+import secrets
+from pathlib import Path
 
 from lmforge.errors import LMForgeError
 
@@ -38,4 +42,66 @@ def wandb_logger(mode: str = "auto", **kwargs):
     mode = wandb_mode(mode)
     if mode == "disabled":
         return None
-    return WandbLogger(offline=mode == "offline", **kwargs)
+    run_id = wandb_run_id(kwargs["save_dir"]) if kwargs.get("save_dir") else None
+    return WandbLogger(offline=mode == "offline", id=run_id, resume="allow", **kwargs)
+
+
+def wandb_run_id(run_dir: str) -> str:
+    """The W&B run id of a run directory, made and stored (``<run_dir>/wandb/run_id``) on first
+    use, so that a resumed run logs into the same W&B run. Only rank 0 logs to W&B, and only it
+    writes the file."""
+    from lightning.pytorch.utilities import rank_zero_only
+
+    from lmforge.files import atomic_write_bytes
+
+    path = Path(run_dir) / "wandb" / "run_id"
+    if path.is_file():
+        return path.read_text().strip()
+    run_id = secrets.token_hex(4)
+    if rank_zero_only.rank == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(path, run_id.encode())
+    return run_id
+
+
+def csv_logger(**kwargs):
+    """Lightning's ``CSVLogger``, except that an existing ``metrics.csv`` (a resumed run's) is
+    continued rather than deleted; ``lmforge-train`` first cuts it back to the resumed step."""
+    from lightning.fabric.loggers.logger import rank_zero_experiment
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class Writer(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            if os.path.isfile(self.metrics_file_path):
+                with open(self.metrics_file_path, newline="") as f:
+                    self.metrics_keys = sorted(next(csv.reader(f), []))
+
+    class Logger(CSVLogger):
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            if self._experiment is None:
+                os.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = Writer(log_dir=self.log_dir)
+            return self._experiment
+
+    return Logger(**kwargs)
+
+
+def trim_metrics(path: str | Path, step: int) -> None:
+    """Drop the rows of a metrics CSV logged at ``step`` or later (a resumed run logs them again)."""
+    path = Path(path)
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        header = reader.fieldnames or []
+        rows = [r for r in reader if r.get("step") in (None, "") or int(r["step"]) < step]
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=header)
+    writer.writeheader()
+    writer.writerows(rows)
+    from lmforge.files import atomic_write_bytes
+
+    atomic_write_bytes(path, out.getvalue().encode())

@@ -10,7 +10,10 @@ final norm and the head tied to the embedding).
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
+from pathlib import Path
 
 import torch
 from lightning.pytorch.strategies import ModelParallelStrategy
@@ -38,6 +41,26 @@ class FSDPStrategy(ModelParallelStrategy):
         # Every process shards the data (the parent's "auto" would take one per node).
         self._data_parallel_size = self.num_nodes * self.num_processes
         super().setup_environment()
+
+    def save_checkpoint(self, checkpoint, filepath, storage_options=None) -> None:
+        """Write the sharded checkpoint into a staging directory beside ``filepath`` and rename
+        it into place once every rank has written its shard: a crash mid-write leaves the
+        previous checkpoint as it was."""
+        path = Path(self.broadcast(str(filepath)))
+        staging = path.with_name(f".{path.name}.tmp")
+        if self.global_rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)
+        self.barrier()
+        super().save_checkpoint(checkpoint, staging, storage_options)
+        self.barrier()
+        if self.global_rank == 0:
+            old = path.with_name(f".{path.name}.old")
+            shutil.rmtree(old, ignore_errors=True)
+            if path.exists():
+                os.replace(path, old)
+            os.replace(staging, path)
+            shutil.rmtree(old, ignore_errors=True)
+        self.barrier()
 
 
 def shard(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import hydra
@@ -24,6 +25,7 @@ class RunConfig:
     task: dict[str, Any]  # the task's typed sections (optim, masking, ...): constructor kwargs
     compile: str  # task.compile: auto | true | false
     activation_checkpointing: bool  # task.activation_checkpointing
+    on_nonfinite: str  # task.on_nonfinite: stop | skip
 
 
 def validate(cfg: DictConfig) -> RunConfig:
@@ -47,10 +49,13 @@ def validate(cfg: DictConfig) -> RunConfig:
     checkpointing = cfg.task.get("activation_checkpointing", False)
     if not isinstance(checkpointing, bool):
         raise LMForgeError(f"task.activation_checkpointing={checkpointing!r}: use true or false")
+    on_nonfinite = str(cfg.task.get("on_nonfinite", "stop"))
+    if on_nonfinite not in ("stop", "skip"):
+        raise LMForgeError(f"task.on_nonfinite={on_nonfinite!r}: use stop or skip")
     for key in ("max_steps",):
         if cfg.trainer.get(key) is not None and cfg.trainer[key] == 0:
             raise LMForgeError(f"trainer.{key} must be positive or -1, got 0")
-    return RunConfig(model, data, sections, compile_mode, checkpointing)
+    return RunConfig(model, data, sections, compile_mode, checkpointing, on_nonfinite)
 
 
 def build_loggers(cfg: DictConfig) -> list:
@@ -64,7 +69,14 @@ def train(cfg: DictConfig) -> dict:
 
     import lightning as L
     import torch
-    from lightning.pytorch.loggers import WandbLogger
+    from lightning.pytorch.loggers import CSVLogger, WandbLogger
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lmforge.callbacks.checkpointing import EXIT_REQUEUE, AtomicCheckpointIO, Preempted
+    from lmforge.loggers import trim_metrics
+
+    out_dir = cfg.paths.output_dir
+    ckpt_path, resume_step = resume_from(cfg.resume, Path(out_dir) / "checkpoints")
 
     from lmforge.data.datamodule import TokenDataModule
 
@@ -83,6 +95,8 @@ def train(cfg: DictConfig) -> dict:
     task = task_cls(model=model_cfg, **typed.task)
     task.compile = typed.compile
     task.activation_checkpointing = typed.activation_checkpointing
+    task.on_nonfinite = typed.on_nonfinite
+    task.seed = cfg.seed
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
 
@@ -97,8 +111,9 @@ def train(cfg: DictConfig) -> dict:
     )
     refuse_multirun_with_ranks(trainer.world_size)
     batch = global_batch(trainer, typed.data)
+    if not isinstance(trainer.strategy, ModelParallelStrategy):  # that one stages its own writes
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
 
-    out_dir = cfg.paths.output_dir
     if trainer.is_global_zero:
         os.makedirs(out_dir, exist_ok=True)
         OmegaConf.save(cfg, os.path.join(out_dir, "config.yaml"), resolve=True)
@@ -112,8 +127,15 @@ def train(cfg: DictConfig) -> dict:
             | {"params/total": n_params, "params/non_embedding": n_params - n_embedding}
             | batch
         )
+    if resume_step is not None and trainer.is_global_zero:
+        for logger in trainer.loggers:  # the resumed run logs its steps again
+            if isinstance(logger, CSVLogger):
+                trim_metrics(Path(logger.log_dir) / "metrics.csv", resume_step)
     try:
-        trainer.fit(task, datamodule=dm, ckpt_path=cfg.ckpt_path)
+        trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+    except Preempted as e:
+        print(f"{e}: resume with resume=auto", flush=True)
+        sys.exit(EXIT_REQUEUE)
     finally:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
@@ -122,6 +144,40 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         report(trainer, metrics, out_dir)
     return metrics
+
+
+def resume_from(resume: str | None, ckpt_dir: Path) -> tuple[str | None, int | None]:
+    """The checkpoint to resume from: ``resume=auto`` the newest complete one in this run's
+    directory (none: a fresh start), ``resume=<path>`` that one. Without ``resume`` a run
+    directory that already holds checkpoints is refused rather than mixed with a new run."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lmforge.checkpoint import checkpoint_step, find_resume
+
+    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    if resume is None:
+        if existing:
+            raise LMForgeError(
+                f"{ckpt_dir} already holds checkpoints ({', '.join(existing[:3])}): continue that"
+                " run with resume=auto, or start a new one with another run_name"
+            )
+        return None, None
+    if resume == "auto":
+        found = find_resume(ckpt_dir) if existing else None
+        if found is None:
+            rank_zero_info(f"resume=auto: no checkpoint in {ckpt_dir}, starting from scratch")
+            return None, None
+        path, step = found
+    else:
+        path = Path(resume)
+        step = checkpoint_step(path) if path.exists() else None
+        if step is None:
+            raise LMForgeError(
+                f"resume={resume}: {'no such checkpoint' if not path.exists() else 'the checkpoint is incomplete or corrupt'};"
+                " pass a checkpoint written by lmforge-train, or resume=auto"
+            )
+    rank_zero_info(f"resuming from {path} (step {step})")
+    return str(path), step
 
 
 def refuse_multirun_with_ranks(world_size: int) -> None:

@@ -5,12 +5,24 @@ from __future__ import annotations
 from dataclasses import asdict, fields
 
 import lightning as L
+import numpy as np
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor.experimental import implicit_replication
 
+from lmforge.errors import LMForgeError
 from lmforge.tasks.optim import OptimConfig, lr_at
+
+
+class NonFiniteError(LMForgeError):
+    """A non-finite loss or gradient norm under task.on_nonfinite=stop."""
+
+
+def _vocab_size(tokenizer_json: str) -> int:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_str(tokenizer_json).get_vocab_size()
 
 
 def token_loss(
@@ -54,7 +66,11 @@ class LMTask(L.LightningModule):
     activation_checkpointing: bool = (
         False  # recompute each block in the backward; task.activation_checkpointing
     )
+    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop | skip; task.on_nonfinite
+    seed: int = 0  # with (rank, step, micro-batch), seeds the dropout masks of each micro-batch
+    skipped_steps: int = 0
     _configured: bool = False
+    _step_loss: torch.Tensor | None = None
     _step_sum: torch.Tensor | None = None
     _step_tokens: torch.Tensor | None = None
     _scale: float = 1.0
@@ -119,6 +135,7 @@ class LMTask(L.LightningModule):
             )
             loss_sum, n = totals[0], totals[1]
         n = n.clamp(min=1)
+        self._step_loss = loss_sum / n
         self._grad_factor = (
             self._scale * self.trainer.accumulate_grad_batches * self.trainer.world_size / n
         )
@@ -136,16 +153,50 @@ class LMTask(L.LightningModule):
         grads = [p.grad for p in self._trainable if p.grad is not None]
         if factor is None or not grads:
             return self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+        norm = torch.nn.utils.get_total_norm(grads) * factor  # the normalised gradient's norm
+        if hasattr(norm, "full_tensor"):  # sharded (FSDP) gradients
+            norm = norm.full_tensor()
+        if not self.finite_step(norm):
+            return
         by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
         if by_norm:
-            norm = torch.nn.utils.get_total_norm(grads) * factor  # the normalised gradient's norm
-            if hasattr(norm, "full_tensor"):  # sharded (FSDP) gradients
-                norm = norm.full_tensor()
             factor = factor * torch.clamp(gradient_clip_val / (norm + 1e-6), max=1.0)
         with implicit_replication():  # sharded (DTensor) gradients times a plain scalar tensor
             torch._foreach_mul_(grads, factor.to(grads[0].dtype))  # no host sync
         if gradient_clip_val and not by_norm:
             self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)  # by value
+
+    def finite_step(self, grad_norm: torch.Tensor) -> bool:
+        """Check the step's loss and gradient norm (one host sync a step). A non-finite one
+        either stops training (``stop``: nothing more is saved, the last good checkpoint stays)
+        or skips the step (``skip``: the gradients are dropped, so AdamW leaves parameters and
+        moments untouched; the step is counted in ``train/skipped_steps``)."""
+        loss = self._step_loss if self._step_loss is not None else grad_norm.new_zeros(())
+        if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            return True
+        step = self.trainer.global_step + 1
+        what = f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
+        if self.on_nonfinite == "stop":
+            raise NonFiniteError(
+                f"non-finite values at step {step} ({what}): the learning rate is likely too high"
+                f" (task.optim.lr={self.optim.lr}) or the data holds a bad batch; the last good"
+                " checkpoint is kept: resume with resume=auto and a lower learning rate, or set"
+                " task.on_nonfinite=skip"
+            )
+        for p in self._trainable:
+            p.grad = None  # AdamW skips parameters without a gradient
+        self.skipped_steps += 1
+        rank_zero_warn(f"step {step} skipped ({what}); {self.skipped_steps} skipped so far")
+        for logger in self.trainer.loggers:
+            logger.log_metrics({"train/skipped_steps": self.skipped_steps}, step=step - 1)
+        return False
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """Dropout masks drawn from (seed, rank, step, micro-batch) alone, like the data: a
+        resumed run draws what the uninterrupted one would have."""
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        key = (self.seed, self.global_rank, self.trainer.global_step, micro)
+        torch.manual_seed(int(np.random.SeedSequence(key).generate_state(1, np.uint64)[0] >> 1))
 
     def logging_step(self) -> bool:
         """Whether Lightning writes this step to the loggers (every ``log_every_n_steps``, and in a
@@ -203,9 +254,34 @@ class LMTask(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         checkpoint["tokens_seen"] = self.tokens_seen
+        checkpoint["skipped_steps"] = self.skipped_steps
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "tokenizer"):
             checkpoint["tokenizer"] = dm.tokenizer.to_str()  # the tokenizer travels with the model
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Refuse a checkpoint of another model or tokenizer, naming what differs."""
+        saved = checkpoint.get("hyper_parameters", {}).get("model", {})
+        ours = self.hparams.get("model", {})
+        diff = [
+            f"{k}={saved.get(k)!r} (this run: {ours.get(k)!r})"
+            for k in sorted(saved.keys() | ours.keys())
+            if saved.get(k) != ours.get(k)
+        ]
+        if diff:
+            raise LMForgeError(
+                "the checkpoint holds a different model: "
+                + ", ".join(diff)
+                + "; resume with the model config it was trained with, or start a new run_name"
+            )
+        dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
+        saved_tok = checkpoint.get("tokenizer")
+        known = saved_tok and dm is not None and hasattr(dm, "tokenizer")
+        if known and saved_tok != dm.tokenizer.to_str():
+            raise LMForgeError(
+                f"the checkpoint was trained with another tokenizer than {dm.config.dir}'s"
+                f" (vocabulary {_vocab_size(saved_tok)} vs {dm.tokenizer.get_vocab_size()}):"
+                " resume on the data it was trained on, or start a new run_name"
+            )
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
+        self.skipped_steps = checkpoint.get("skipped_steps", 0)

@@ -1,0 +1,304 @@
+"""A run killed at any moment carries on as if nothing happened; faults fail cleanly.
+
+The kill tests launch ``lmforge-train`` as a separate process, kill it (SIGKILL, or SIGTERM for
+a graceful stop) at a random step after its first checkpoint, resume with ``resume=auto`` and
+compare with an uninterrupted run: the final weights bitwise, the logged loss of every step.
+Dropout is on, so the random-number streams must continue exactly too.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import random
+import resource
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from lmforge.checkpoint import find_resume, load_checkpoint
+from lmforge.cli.train import train
+from lmforge.errors import LMForgeError
+from lmforge.tasks.causal_lm import CausalLMTask
+
+from .conftest import ROOT, SHAKESPEARE
+
+STEPS = 60
+
+
+def command(log_dir: Path, name: str, *overrides: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "lmforge.cli.train",
+        "logger=csv",
+        "callbacks.text_samples=null",
+        "callbacks.progress_bar=null",
+        "trainer.enable_model_summary=false",
+        f"paths.log_dir={log_dir}",
+        f"run_name={name}",
+        f"trainer.max_steps={STEPS}",
+        "trainer.val_check_interval=30",
+        "trainer.log_every_n_steps=1",
+        "callbacks.periodic_checkpoint.every_n_train_steps=10",
+        "model.dropout=0.1",
+        *overrides,
+    ]
+
+
+def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": "disabled"}
+    return subprocess.run(
+        cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, **kwargs
+    )
+
+
+def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def losses(run_dir: Path) -> dict[int, str]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        rows = [r for r in csv.DictReader(f) if r.get("train/loss")]
+    steps = [int(r["step"]) for r in rows]
+    assert len(steps) == len(set(steps)), "a step was logged twice"
+    return {int(r["step"]): r["train/loss"] for r in rows}
+
+
+def interrupt(cmd: list[str], run_dir: Path, sig: int, rng: random.Random) -> int:
+    """Start ``cmd``, send ``sig`` once it has logged a random step past its first checkpoint;
+    returns the exit status."""
+    kill_after = rng.randint(12, 45)
+    env = os.environ | {"WANDB_MODE": "disabled"}
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    metrics = run_dir / "csv" / "metrics.csv"
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if (run_dir / "checkpoints" / "step000010.ckpt").exists() and metrics.exists():
+            logged = [r for r in metrics.read_text().splitlines()[1:] if r]
+            if len(logged) >= kill_after:
+                proc.send_signal(sig)
+                break
+        time.sleep(0.005)
+    status = proc.wait(timeout=300)
+    assert status != 0, "the run finished before it could be interrupted"
+    return status
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == STEPS
+    return ckpt["state_dict"]
+
+
+def assert_bitwise_equal(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    differ = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
+
+
+@pytest.fixture(scope="module")
+def gpt(tmp_path_factory):
+    logs = tmp_path_factory.mktemp("kill")
+    corpus = logs / "tiny.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:60_000])
+    common = [
+        "model=gpt-nano",
+        "data.batch_size=64",  # steps slow enough to be caught mid-run
+        f"data.dir={logs}/data",
+        f"data.prepare.source.paths=[{corpus}]",
+    ]
+    ok(run(command(logs, "whole", *common)))
+    return logs, common
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["kill-9", "sigterm"])
+def test_killed_gpt_run_resumes_bitwise(gpt, sig):
+    logs, common = gpt
+    name = f"killed-{sig.name}"
+    status = interrupt(
+        command(logs, name, *common), logs / "causal_lm" / name, sig, random.Random(sig)
+    )
+    if sig == signal.SIGTERM:
+        assert status == 75  # saved, then "requeue me"
+        assert list((logs / "causal_lm" / name / "checkpoints").glob("*-preempted.ckpt"))
+    ok(run(command(logs, name, *common, "resume=auto")))
+    whole, resumed = logs / "causal_lm" / "whole", logs / "causal_lm" / name
+    assert_bitwise_equal(final_weights(resumed), final_weights(whole))
+    assert losses(resumed) == losses(whole)  # every step, to the last digit printed
+    assert len(losses(whole)) == STEPS
+
+
+def test_killed_bert_run_resumes_bitwise(tmp_path):
+    corpus = tmp_path / "tiny.txt"
+    corpus.write_text(SHAKESPEARE.read_text()[:60_000])
+    common = [
+        "experiment=bert_shakespeare_mlm_cpu",
+        "model=bert-nano",
+        "data.batch_size=32",
+        f"data.dir={tmp_path}/wp",
+        f"data.prepare.source.paths=[{corpus}]",
+        "data.prepare.tokenizer.vocab_size=500",
+        "data.max_val_windows=16",
+    ]
+    ok(run(command(tmp_path, "whole", *common)))
+    runs = tmp_path / "masked_lm"
+    interrupt(
+        command(tmp_path, "killed", *common), runs / "killed", signal.SIGKILL, random.Random(3)
+    )
+    ok(run(command(tmp_path, "killed", *common, "resume=auto")))
+    assert_bitwise_equal(final_weights(runs / "killed"), final_weights(runs / "whole"))
+    assert losses(runs / "killed") == losses(runs / "whole")
+
+
+# In-process runs of gpt-nano on the tiny corpus (conftest's train_cfg).
+def tiny(train_cfg, *overrides: str):
+    return train_cfg(
+        "run_name=r",
+        "logger=csv",
+        "callbacks.text_samples=null",
+        "trainer.log_every_n_steps=1",
+        "trainer.val_check_interval=100",
+        "callbacks.periodic_checkpoint.every_n_train_steps=10",
+        "model.dropout=0.1",
+        *overrides,
+    )
+
+
+def test_truncated_newest_checkpoint_falls_back_to_the_previous(train_cfg, tmp_path):
+    train(tiny(train_cfg, "trainer.max_steps=30"))
+    ckpts = Path(tiny(train_cfg).paths.output_dir) / "checkpoints"
+    for name in ("step000030.ckpt", "last.ckpt"):  # both of step 30: cut in half
+        data = (ckpts / name).read_bytes()
+        (ckpts / name).write_bytes(data[: len(data) // 2])
+    with pytest.warns(UserWarning, match="incomplete or corrupt"):
+        path, step = find_resume(ckpts)
+    assert (path.name, step) == ("step000020.ckpt", 20)
+    with pytest.warns(UserWarning, match="incomplete or corrupt"):
+        train(tiny(train_cfg, "trainer.max_steps=40", "resume=auto"))
+    resumed = load_checkpoint(ckpts / "last.ckpt")
+    assert resumed["global_step"] == 40
+    reference_dir = tmp_path / "reference"
+    cfg = tiny(train_cfg, "trainer.max_steps=40")
+    cfg.paths.output_dir = str(reference_dir)
+    train(cfg)
+    assert_bitwise_equal(
+        resumed["state_dict"],
+        load_checkpoint(reference_dir / "checkpoints" / "last.ckpt")["state_dict"],
+    )
+
+
+class NaNAtStep3(CausalLMTask):
+    """A fault injected into the loss of the 4th optimizer step (global_step 3)."""
+
+    def training_step(self, batch, batch_idx):
+        loss = super().training_step(batch, batch_idx)
+        return loss * float("nan") if self.trainer.global_step == 3 else loss
+
+
+def test_nan_is_skipped_under_skip(train_cfg):
+    cfg = tiny(
+        train_cfg,
+        "trainer.max_steps=8",
+        "task.on_nonfinite=skip",
+        f"task._target_={__name__}.NaNAtStep3",
+    )
+    train(cfg)
+    ckpt = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
+    assert ckpt["global_step"] == 8 and ckpt["skipped_steps"] == 1
+    adam_steps = {int(s["step"]) for s in ckpt["optimizer_states"][0]["state"].values()}
+    assert adam_steps == {7}  # AdamW applied 7 of the 8 steps
+    assert all(torch.isfinite(t).all() for t in ckpt["state_dict"].values())
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
+        skipped = [r for r in csv.DictReader(f) if r.get("train/skipped_steps")]
+    assert [(r["step"], float(r["train/skipped_steps"])) for r in skipped] == [("3", 1.0)]
+
+
+def test_nan_stops_the_run_under_stop_keeping_the_last_good_checkpoint(train_cfg):
+    cfg = tiny(
+        train_cfg,
+        "trainer.max_steps=8",
+        "callbacks.periodic_checkpoint.every_n_train_steps=2",
+        f"task._target_={__name__}.NaNAtStep3",
+    )
+    with pytest.raises(
+        LMForgeError, match=r"non-finite values at step 4 \(loss .*, gradient norm nan\)"
+    ):
+        train(cfg)
+    ckpts = Path(cfg.paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == [
+        "last.ckpt",
+        "step000002.ckpt",
+    ]  # nothing saved after the fault
+    assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 2
+
+
+def test_resume_continues_the_wandb_run_and_the_csv(train_cfg, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    train(tiny(train_cfg, "trainer.max_steps=10", "logger=default"))
+    train(tiny(train_cfg, "trainer.max_steps=20", "logger=default", "resume=auto"))
+    run_dir = Path(tiny(train_cfg).paths.output_dir)
+    run_id = (run_dir / "wandb" / "run_id").read_text()
+    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
+    assert len(segments) == 2 and all(s.name.endswith(f"-{run_id}") for s in segments)
+    steps = sorted(losses(run_dir))
+    assert steps == list(range(20))  # one CSV, no step twice, none missing
+
+
+def test_resume_refuses_another_model_or_tokenizer(train_cfg, tmp_path):
+    train(tiny(train_cfg, "trainer.max_steps=10"))
+    with pytest.raises(LMForgeError, match=r"different model: n_layer=2 \(this run: 3\)"):
+        train(tiny(train_cfg, "trainer.max_steps=20", "resume=auto", "model.n_layer=3"))
+    vocab = load_checkpoint(Path(tiny(train_cfg).paths.output_dir) / "checkpoints" / "last.ckpt")[
+        "hyper_parameters"
+    ]["model"]["vocab_size"]
+    other = tmp_path / "lower.txt"  # fewer distinct characters: another char tokenizer
+    other.write_text(SHAKESPEARE.read_text()[:60_000].lower())
+    with pytest.raises(LMForgeError, match=rf"another tokenizer .* \(vocabulary {vocab} vs \d+\)"):
+        train(
+            tiny(
+                train_cfg,
+                "trainer.max_steps=20",
+                "resume=auto",
+                f"data.dir={tmp_path}/lower",
+                f"data.prepare.source.paths=[{other}]",
+                f"model.vocab_size={vocab}",
+            )
+        )
+
+
+def test_a_named_run_with_checkpoints_is_not_restarted_by_accident(train_cfg):
+    train(tiny(train_cfg, "trainer.max_steps=10"))
+    with pytest.raises(LMForgeError, match="already holds checkpoints .* resume=auto"):
+        train(tiny(train_cfg, "trainer.max_steps=10"))
+
+
+def test_full_disk_while_saving_keeps_the_earlier_checkpoints(gpt):
+    """The file-size limit (RLIMIT_FSIZE) makes the next checkpoint write fail like a full disk."""
+    logs, common = gpt
+    name = "disk"
+    ok(run(command(logs, name, *common, "trainer.max_steps=10")))
+    ckpts = logs / "causal_lm" / name / "checkpoints"
+    before = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+
+    proc = run(
+        command(logs, name, *common, "trainer.max_steps=20", "resume=auto"), preexec_fn=limit
+    )
+    assert proc.returncode == 2
+    error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(error) == 1 and "writing checkpoint" in error[0] and "intact" in error[0]
+    after = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
+    assert after == before  # nothing earlier damaged, nothing half-written left
+    assert not list(ckpts.glob("*.tmp"))
