@@ -292,3 +292,13 @@ def test_mlm_batches_from_prepared_shards(train_cfg, tmp_path):
     ).batch(0)
     for key in ("input_ids", "labels"):
         assert torch.equal(half[key], batch[key][16:])
+
+
+def test_masked_lm_on_a_tokenizer_without_mask_token_is_refused(train_cfg):
+    from lmforge.cli.train import train
+    from lmforge.errors import LMForgeError
+
+    with pytest.raises(
+        LMForgeError, match=r"lacks \[CLS\], \[SEP\], \[MASK\], \[PAD\]: .*wordpiece"
+    ):
+        train(train_cfg("model=bert-nano", "task=masked_lm", "logger=csv", "trainer.max_steps=2"))

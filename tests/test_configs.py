@@ -102,6 +102,9 @@ def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         ("data.seq_len=4096", "data.seq_len"),
         ("data.batch_size=0", "data.batch_size"),
         ("model.n_head=5", "n_head"),
+        ("task.optim.lr=-1", "task.optim.lr must be positive"),
+        ("model.vocab_size=10", "model.vocab_size=10 is smaller than the tokenizer's"),
+        ("task.on_nonfinite=maybe", "task.on_nonfinite"),
     ],
 )
 def test_invalid_override_fails_naming_the_key(override, needle, tmp_path):

@@ -93,6 +93,21 @@ def test_truncated_shard_is_refused(tmp_path, tiny_text):
         open_split(tmp_path, "val")
 
 
+def test_missing_shard_and_mismatched_meta_are_refused(tmp_path, tiny_text):
+    prepare(text_cfg(tiny_text), tmp_path)
+    meta = json.loads((tmp_path / "meta.json").read_text())
+    meta["splits"]["train"]["shards"][0]["tokens"] += 7  # meta.json no longer matches the shard
+    (tmp_path / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(LMForgeError, match="meta.json says .* stale, re-run lmforge-prepare"):
+        open_split(tmp_path, "train")
+    (tmp_path / "val.bin").unlink()
+    with pytest.raises(LMForgeError, match="val.bin is missing: re-run lmforge-prepare"):
+        open_split(tmp_path, "val")
+    (tmp_path / "meta.json").write_text("{not json")
+    with pytest.raises(LMForgeError, match="not valid JSON: re-run lmforge-prepare"):
+        open_split(tmp_path, "train")
+
+
 def test_random_windows_are_a_function_of_seed_rank_step(tmp_path, tiny_text):
     prepare(text_cfg(tiny_text), tmp_path)
     shards = open_split(tmp_path, "train")

@@ -302,3 +302,20 @@ def test_full_disk_while_saving_keeps_the_earlier_checkpoints(gpt):
     after = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
     assert after == before  # nothing earlier damaged, nothing half-written left
     assert not list(ckpts.glob("*.tmp"))
+
+
+def test_corrupt_checkpoint_is_refused_in_one_line(train_cfg, tmp_path):
+    from lmforge.checkpoint import load_gpt
+
+    bad = tmp_path / "bad.ckpt"
+    bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
+    with pytest.raises(
+        LMForgeError, match="resume=.*bad.ckpt: the checkpoint is incomplete or corrupt"
+    ):
+        train(tiny(train_cfg, f"resume={bad}"))
+    with pytest.raises(LMForgeError, match="resume=.*nowhere.ckpt: no such checkpoint"):
+        train(tiny(train_cfg, f"resume={tmp_path}/nowhere.ckpt"))
+    with pytest.raises(
+        LMForgeError, match="cannot be read .* corrupt or not an lmforge checkpoint"
+    ):
+        load_gpt(bad)

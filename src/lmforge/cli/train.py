@@ -243,7 +243,11 @@ def report(trainer, metrics: dict, out_dir: str) -> None:
         if os.path.isdir(wandb_dir)
         else []
     )
-    if offline:
+    if len(offline) > 1:  # a resumed run: one offline segment per process, one W&B run id
+        lines.append(
+            f"W&B offline run ({len(offline)} segments of one run): upload with `wandb sync {wandb_dir}`"
+        )
+    elif offline:
         lines.append(
             f"W&B offline run: upload with `wandb sync {os.path.join(wandb_dir, offline[-1])}`"
         )
