@@ -136,3 +136,36 @@ def test_bad_config_values_raise():
         GPTConfig(vocab_size=10, pos_emb="alibi")
     with pytest.raises(ValueError, match="exceeds block_size"):
         GPT(nano())(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_kv_cache_generation_equals_full_reforward():
+    torch.manual_seed(0)
+    model = GPT(nano()).eval()
+    prompt = torch.randint(0, 65, (2, 5))
+    for sampling in ({"temperature": 0}, {"temperature": 0.9, "top_k": 20, "top_p": 0.8}):
+        cached = model.generate(prompt, 30, generator=torch.Generator().manual_seed(3), **sampling)
+        full = model.generate(
+            prompt, 30, use_cache=False, generator=torch.Generator().manual_seed(3), **sampling
+        )
+        assert torch.equal(cached, full)  # 35 > block_size 16: the cropped context too
+
+
+def test_filter_logits_by_hand():
+    from lmforge.models.gpt import filter_logits
+
+    logits = torch.tensor([[2.0, 1.0, -1.0, 0.5]])
+    seen = torch.tensor([[0, 2]])
+    penalised = filter_logits(logits, seen, repetition_penalty=2.0)
+    assert penalised.tolist() == [[1.0, 1.0, -2.0, 0.5]]  # 2 / 2 and -1 * 2
+    probs = torch.softmax(logits, -1)[0]  # 0.61, 0.22, 0.03, 0.14
+    kept = filter_logits(logits, seen, top_p=0.7).isfinite()[0].tolist()
+    assert kept == [True, True, False, False]  # 0.61 < 0.7, 0.61 + 0.22 reaches it
+    assert probs[0] < 0.7 < probs[0] + probs[1]
+    assert filter_logits(logits, seen, top_p=0.5).isfinite()[0].tolist() == [
+        True,
+        False,
+        False,
+        False,
+    ]
+    assert filter_logits(logits, seen, top_k=2).isfinite()[0].tolist() == [True, True, False, False]
+    assert torch.equal(filter_logits(logits, seen, temperature=0.5), logits * 2)

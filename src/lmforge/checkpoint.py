@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -158,8 +159,47 @@ def find_resume(ckpt_dir: Path) -> tuple[Path, int] | None:
     return best
 
 
+HUB_NAME = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+
+
+def local_path(source: str | Path) -> Path:
+    """``source`` itself when it exists; a hub name (``gpt2``, ``openai-community/gpt2-xl``)
+    is downloaded (config, safetensors weights, tokenizer) into the Hugging Face cache."""
+    path = Path(source)
+    if path.exists() or path.suffix in (".ckpt", ".pt", ".bin") or not HUB_NAME.match(str(source)):
+        return path
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise LMForgeError(
+            f"{source} is not a file or directory here; to fetch it from the Hugging Face hub,"
+            " pip install 'lmforge[hub]'"
+        ) from None
+    try:
+        return Path(
+            snapshot_download(
+                str(source),
+                allow_patterns=["config.json", "model.safetensors", "tokenizer.json"],
+            )
+        )
+    except Exception as e:
+        raise LMForgeError(
+            f"{source} is not a file or directory here, and fetching it from the Hugging Face hub"
+            f" failed ({type(e).__name__}): offline? download it elsewhere and pass its path"
+        ) from None
+
+
 def load_gpt(path: str | Path) -> tuple[GPT, Tokenizer | None]:
-    """The GPT and tokenizer stored in a causal-LM checkpoint of ours, in eval mode on the CPU."""
+    """The GPT and tokenizer (None when there is none) of a causal-LM checkpoint of ours (a file
+    or a sharded directory), of a transformers GPT-2 directory, or of a hub name."""
+    path = local_path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from lmforge.interop.hf_gpt2 import load_hf_gpt2
+
+        tok_file = path / "tokenizer.json"
+        return load_hf_gpt2(path), Tokenizer.from_file(
+            str(tok_file)
+        ) if tok_file.is_file() else None
     ckpt = load_checkpoint(path)
     try:
         model_cfg = GPTConfig(**ckpt["hyper_parameters"]["model"])
@@ -173,6 +213,32 @@ def load_gpt(path: str | Path) -> tuple[GPT, Tokenizer | None]:
             f"checkpoint {path} is not a GPT checkpoint of lmforge (missing {e})"
         ) from None
     model = GPT(model_cfg)
+    model.load_state_dict(state)
+    tokenizer = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
+    return model.eval(), tokenizer
+
+
+def load_bert(path: str | Path):
+    """The Bert and tokenizer (None when there is none) of a masked-LM checkpoint of ours or of
+    a transformers BERT directory, in eval mode on the CPU."""
+    from lmforge.models.bert import Bert, BertConfig
+
+    path = local_path(path)
+    if path.is_dir() and (path / "config.json").is_file():
+        from lmforge.interop.hf_bert import load_hf_bert
+
+        tok_file = path / "tokenizer.json"
+        return load_hf_bert(path), Tokenizer.from_file(
+            str(tok_file)
+        ) if tok_file.is_file() else None
+    ckpt = load_checkpoint(path)
+    try:
+        model = Bert(BertConfig(**ckpt["hyper_parameters"]["model"]))
+        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
+    except (KeyError, TypeError) as e:
+        raise LMForgeError(
+            f"checkpoint {path} is not a BERT checkpoint of lmforge (missing {e})"
+        ) from None
     model.load_state_dict(state)
     tokenizer = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
     return model.eval(), tokenizer

@@ -1,15 +1,16 @@
-"""lmforge-eval: token-weighted loss and perplexity of a checkpoint on a prepared split.
+"""lmforge-eval: loss, perplexity and bits per byte of a checkpoint, on a prepared split or a text file.
 
 lmforge-eval ckpt_path=logs/causal_lm/<run>/checkpoints/last.ckpt data=shakespeare_char
+lmforge-eval ckpt_path=exports/gpt2 text_file=book.txt stride=512
 """
 
 from __future__ import annotations
 
 import json
-import math
+from pathlib import Path
 
 import hydra
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from lmforge.cli import CONFIG_PATH, reports_errors
 from lmforge.config import build
@@ -19,37 +20,98 @@ from lmforge.errors import LMForgeError
 @hydra.main(config_path=CONFIG_PATH, config_name="eval", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> dict:
+    import numpy as np
     import torch
-    from torch.utils.data import DataLoader
+    from rich.progress import Progress
 
-    from lmforge.checkpoint import load_gpt
-    from lmforge.data.datasets import SequentialWindows, open_split
-    from lmforge.tasks.base import token_loss
+    from lmforge.cli.generate import load_model_and_tokenizer
+    from lmforge.evaluation import count_windows, evaluate
 
-    if cfg.ckpt_path is None:
-        raise LMForgeError("no checkpoint given: pass ckpt_path=<run dir>/checkpoints/last.ckpt")
-    data = build(cfg.data, "data")
-    model, _ = load_gpt(cfg.ckpt_path)
-    seq_len = min(data.seq_len, model.config.block_size)
+    model, tok = load_model_and_tokenizer(cfg.ckpt_path, cfg.tokenizer)
+    seq_len = cfg.seq_len or model.config.block_size
+    stride = cfg.stride or seq_len
+    if not 0 < seq_len <= model.config.block_size:
+        raise LMForgeError(
+            f"seq_len={seq_len} must be in [1, block_size={model.config.block_size}]"
+        )
+    if not 0 < stride <= seq_len:
+        raise LMForgeError(
+            f"stride={stride} must be in [1, seq_len={seq_len}]: larger skips tokens"
+        )
+    if cfg.text_file is not None:
+        path = Path(cfg.text_file)
+        if not path.is_file():
+            raise LMForgeError(f"text_file={path}: no such file")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LMForgeError(
+                f"text_file={path} is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
+        streams = [np.asarray(tok.encode(text).ids, dtype=np.int64)]
+        source = str(path)
+    else:
+        from lmforge.data.datasets import open_split
+        from lmforge.data.prepare import prepare
+
+        with open_dict(cfg):
+            cfg.data.seq_len = seq_len  # the data config's default refers to a model config
+        data = build(cfg.data, "data")
+        if data.prepare is not None:
+            prepare(data.prepare, data.dir)
+        streams = open_split(data.dir, cfg.split)
+        source = f"{data.dir}:{cfg.split}"
+    if not any(len(s) > 1 for s in streams):
+        raise LMForgeError(f"{source} holds fewer than 2 tokens: nothing to evaluate")
+    if max(int(s.max()) for s in streams if len(s)) >= model.config.vocab_size:
+        raise LMForgeError(
+            f"{source} holds token ids beyond the model's vocabulary: another tokenizer?"
+        )
+
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model.to(device)
-    loader = DataLoader(
-        SequentialWindows(open_split(data.dir, cfg.split), seq_len), batch_size=data.batch_size
+    precision = (
+        cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     )
-    loss_sum, n_tokens = 0.0, 0
-    with torch.no_grad():
-        for x, y in loader:
-            s, n = token_loss(model(x.to(device)), y.to(device))
-            loss_sum += s.item()
-            n_tokens += int(n)
-    loss = loss_sum / n_tokens
-    result = {"split": cfg.split, "tokens": n_tokens, "loss": loss, "ppl": math.exp(loss)}
-    print(f"{'split':<8}{'tokens':>12}{'loss':>10}{'ppl':>10}")
-    print(f"{cfg.split:<8}{n_tokens:>12,}{loss:>10.4f}{math.exp(loss):>10.3f}")
+    if precision not in ("bf16", "fp32"):
+        raise LMForgeError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
+    model.to(device)
+    total = count_windows([len(s) for s in streams], seq_len, stride)
+    with Progress(transient=True) as progress:
+        bar = progress.add_task(f"evaluating {source}", total=total)
+        result = evaluate(
+            model,
+            streams,
+            seq_len,
+            stride,
+            cfg.batch_size,
+            device,
+            dtype=torch.bfloat16 if precision == "bf16" else None,
+            on_batch=lambda n: progress.advance(bar, n),
+        )
+    # The scored text: every token of a stream but the first (special tokens decode to nothing).
+    result.bytes = sum(len(tok.decode(np.asarray(s[1:]).tolist()).encode("utf-8")) for s in streams)
+    out = {
+        "source": source,
+        "checkpoint": str(cfg.ckpt_path),
+        "seq_len": seq_len,
+        "stride": stride,
+        "precision": precision,
+        "tokens": result.tokens,
+        "bytes": result.bytes,
+        "loss": result.loss,
+        "ppl": result.ppl,
+        "bits_per_byte": result.bits_per_byte,
+    }
+    print(f"{'source':<40}{'tokens':>12}{'loss':>9}{'ppl':>10}{'bits/byte':>11}")
+    print(
+        f"{source[-40:]:<40}{result.tokens:>12,}{result.loss:>9.4f}{result.ppl:>10.3f}"
+        f"{result.bits_per_byte or float('nan'):>11.4f}"
+    )
     if cfg.output:
-        with open(cfg.output, "w") as f:
-            json.dump(result, f, indent=2)
-    return result
+        from lmforge.files import atomic_write_bytes
+
+        atomic_write_bytes(Path(cfg.output), json.dumps(out, indent=2).encode())
+    return out
 
 
 if __name__ == "__main__":

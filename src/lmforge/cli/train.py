@@ -92,7 +92,15 @@ def train(cfg: DictConfig) -> dict:
         )
     model_cfg = build(cfg.model, "model", vocab_size=user_vocab or tok_vocab)
     task_cls = hydra.utils.get_class(cfg.task._target_)
+    initial = None
+    if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
+        initial = initial_model(
+            cfg.init_from, model_cfg, tok_vocab, dm, masked="masking" in typed.task
+        )
+        model_cfg = initial.config
     task = task_cls(model=model_cfg, **typed.task)
+    if initial is not None:
+        task.model.load_state_dict(initial.state_dict())
     task.compile = typed.compile
     task.activation_checkpointing = typed.activation_checkpointing
     task.on_nonfinite = typed.on_nonfinite
@@ -144,6 +152,49 @@ def train(cfg: DictConfig) -> dict:
     if trainer.is_global_zero:
         report(trainer, metrics, out_dir)
     return metrics
+
+
+def initial_model(source: str, asked, tok_vocab: int, dm, masked: bool):
+    """The model to start from: a checkpoint of ours or a transformers directory (GPT-2 for a
+    causal LM, BERT for a masked LM). Its architecture replaces the ``model`` config, except
+    ``dropout``, which fine-tuning sets afresh."""
+    from dataclasses import fields, replace
+
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+    from lmforge.checkpoint import load_bert, load_gpt
+
+    model, tokenizer = (load_bert if masked else load_gpt)(source)
+    model.config = replace(model.config, dropout=asked.dropout)
+    differ = [
+        f"{f.name}={getattr(asked, f.name)!r} (init_from: {getattr(model.config, f.name)!r})"
+        for f in fields(asked)
+        if f.init
+        and f.name not in ("dropout", "vocab_size")
+        and getattr(asked, f.name) != getattr(model.config, f.name)
+    ]
+    if differ:
+        rank_zero_warn("init_from sets the architecture; ignored: " + ", ".join(differ))
+    if model.config.vocab_size < tok_vocab:
+        raise LMForgeError(
+            f"init_from={source} has a vocabulary of {model.config.vocab_size}, the data's tokenizer"
+            f" {tok_vocab}: prepare the data with the model's tokenizer"
+        )
+    if (
+        tokenizer is not None
+        and source_is_ours(source)
+        and tokenizer.to_str() != dm.tokenizer.to_str()
+    ):
+        raise LMForgeError(
+            f"init_from={source} was trained with another tokenizer than {dm.config.dir}'s:"
+            " prepare the data with that tokenizer (data.prepare.tokenizer.kind=file)"
+        )
+    rank_zero_info(f"starting from the weights of {source}")
+    return model
+
+
+def source_is_ours(source: str) -> bool:
+    return not (Path(source) / "config.json").is_file()
 
 
 def resume_from(resume: str | None, ckpt_dir: Path) -> tuple[str | None, int | None]:

@@ -23,7 +23,12 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     if (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
-        state = load_file(str(path / "model.safetensors"))
+        try:
+            state = load_file(str(path / "model.safetensors"))
+        except Exception as e:
+            raise LMForgeError(
+                f"{path}/model.safetensors cannot be read ({e}): the file is corrupt or truncated"
+            ) from None
     elif (path / "pytorch_model.bin").is_file():
         try:
             state = torch.load(path / "pytorch_model.bin", map_location="cpu", weights_only=True)

@@ -6,6 +6,7 @@ GPT-2 layout (learned positions, GELU-tanh MLP, tied embeddings); rotary positio
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -160,36 +161,79 @@ class GPT(nn.Module):
         return logits[..., : self.config.vocab_size]
 
     @torch.no_grad()
-    def generate(
+    def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:
+        """``idx`` (B, T) followed by ``max_new_tokens`` sampled tokens; ``sampling``: the
+        arguments of ``generate_stream``."""
+        new = list(self.generate_stream(idx, max_new_tokens, **sampling))
+        return torch.cat([idx, *new], dim=1)
+
+    @torch.no_grad()
+    def generate_stream(
         self,
         idx: torch.Tensor,
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float | None = None,
+        repetition_penalty: float = 1.0,
         generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Sample ``max_new_tokens`` after ``idx`` (B, T). ``temperature=0`` is greedy decoding.
+        use_cache: bool = True,
+    ) -> Iterator[torch.Tensor]:
+        """Yield the next token of each sequence, (B, 1), ``max_new_tokens`` times.
 
-        Uses a KV cache while the sequence fits in ``block_size``; past that, the context is
-        cropped to the last ``block_size`` tokens and re-encoded each step.
+        ``temperature=0`` is greedy decoding. ``repetition_penalty`` > 1 divides the positive
+        logits (multiplies the negative ones) of tokens already in the sequence (CTRL); then
+        temperature, top-k and top-p (nucleus) filtering, in that order. With ``use_cache`` a
+        KV cache makes each new token cost one position while the sequence fits in
+        ``block_size`` (past that the context is cropped and re-encoded); without it every step
+        re-encodes the whole context (the reference the cache is tested against).
         """
-        cache = KVCache()
+        cache = KVCache() if use_cache else None
         next_input = idx[:, -self.config.block_size :]
         for _ in range(max_new_tokens):
-            if cache.seq_len + next_input.size(1) > self.config.block_size:
+            if cache is not None and cache.seq_len + next_input.size(1) > self.config.block_size:
                 cache = KVCache()
                 next_input = idx[:, -self.config.block_size :]
             # forward, not __call__: a compiled model would recompile for every new length
-            logits = self.forward(next_input, cache=cache)[:, -1, :]  # (B, vocab_size)
-            if temperature == 0:
+            logits = self.forward(next_input, cache=cache)[:, -1, :].float()  # (B, vocab_size)
+            if temperature == 0 and repetition_penalty == 1.0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits.float(), dim=-1)
-                nxt = torch.multinomial(probs, 1, generator=generator)
+                logits = filter_logits(
+                    logits, idx, temperature or 1.0, top_k, top_p, repetition_penalty
+                )
+                if temperature == 0:
+                    nxt = logits.argmax(dim=-1, keepdim=True)
+                else:
+                    nxt = torch.multinomial(F.softmax(logits, dim=-1), 1, generator=generator)
             idx = torch.cat([idx, nxt], dim=1)
-            next_input = nxt
-        return idx
+            next_input = nxt if cache is not None else idx[:, -self.config.block_size :]
+            yield nxt
+
+
+def filter_logits(
+    logits: torch.Tensor,
+    seen: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    repetition_penalty: float = 1.0,
+) -> torch.Tensor:
+    """Next-token logits (B, V) after, in order: the repetition penalty on the tokens of
+    ``seen`` (B, T) (positive logits divided by it, negative ones multiplied, as in CTRL),
+    temperature, top-k, and top-p (the smallest set of most likely tokens whose probability
+    reaches ``top_p``; the most likely token always stays). Removed tokens get -inf."""
+    if repetition_penalty != 1.0:
+        prev = torch.gather(logits, 1, seen)
+        prev = torch.where(prev > 0, prev / repetition_penalty, prev * repetition_penalty)
+        logits = logits.scatter(1, seen, prev)
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        probs, order = torch.sort(F.softmax(logits, dim=-1), descending=True)
+        drop = probs.cumsum(-1) - probs >= top_p  # mass before this token already reaches top_p
+        drop = torch.zeros_like(drop).scatter(1, order, drop)  # back to vocabulary order
+        logits = logits.masked_fill(drop, float("-inf"))
+    return logits
