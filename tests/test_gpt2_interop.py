@@ -132,7 +132,9 @@ def test_export_cli_refuses_a_rotary_checkpoint(train_cfg, tmp_path, capsys):
         "model.pos_emb=rotary", "trainer.max_steps=2", "logger=csv", "callbacks.text_samples=null"
     )
     train(cfg)
-    assert export_main([f"{cfg.paths.output_dir}/checkpoints/last.ckpt", str(tmp_path / "hf")]) == 2
+    with pytest.raises(SystemExit) as exit_info:
+        export_main([f"{cfg.paths.output_dir}/checkpoints/last.ckpt", str(tmp_path / "hf")])
+    assert exit_info.value.code == 2
     assert "pos_emb=rotary" in capsys.readouterr().err
     assert not (tmp_path / "hf").exists()
 

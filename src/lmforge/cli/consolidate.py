@@ -12,9 +12,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from lmforge.errors import LMForgeError
+from lmforge.cli import reports_errors
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmforge-consolidate", description=__doc__.split("\n")[0])
     parser.add_argument("checkpoint", help="sharded checkpoint directory written by trainer=fsdp")
@@ -24,11 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from lmforge.checkpoint import consolidate
 
-    try:
-        out = consolidate(args.checkpoint, args.output)
-    except LMForgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = consolidate(args.checkpoint, args.output)
     print(f"wrote {out}")
     return 0
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from lmforge.cli import reports_errors
 from lmforge.errors import LMForgeError
 
 
@@ -37,6 +38,7 @@ def export(checkpoint: str, out: str) -> str:
     return str(export_hf_gpt2(model, out, tokenizer))
 
 
+@reports_errors
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="lmforge-export", description=__doc__.split("\n")[0])
     parser.add_argument(
@@ -44,11 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("out", help="the directory to write")
     args = parser.parse_args(argv)
-    try:
-        out = export(args.checkpoint, args.out)
-    except LMForgeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    out = export(args.checkpoint, args.out)
     print(f"wrote {out}")
     return 0
 
