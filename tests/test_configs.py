@@ -67,9 +67,37 @@ def small_slice(paths: list[str], dest: Path) -> str:
     return str(out)
 
 
+def pretrained_checkpoint(family: str, root: Path) -> Path:
+    """A few steps of gpt-nano (causal LM) or bert-nano (masked LM) on Tiny Shakespeare."""
+    ckpt = root / family / "run" / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        extra = (
+            ["model=bert-nano", "task=masked_lm", "data=shakespeare_wordpiece"]
+            + ["data.prepare.tokenizer.vocab_size=500", "data.max_val_windows=4"]
+            if family == "bert"
+            else ["model=gpt-nano"]
+        )
+        cfg = compose_train(
+            [*extra, f"data.dir={root}/{family}/data", "trainer.max_steps=2", "logger=csv"]
+            + ["callbacks.text_samples=null"],
+            root / family,
+        )
+        train(cfg)
+    return ckpt
+
+
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_factory):
     data_root = tmp_path_factory.getbasetemp() / "experiment-data"
+    if experiment.startswith("finetune_"):  # fine-tuning starts from a pretrained model
+        family = "bert" if "_bert" in experiment else "gpt"
+        ckpt = pretrained_checkpoint(family, data_root / "pretrained")
+        overrides = [f"experiment={experiment}", "debug=fdr", f"init_from={ckpt}"]
+        metrics = train(
+            compose_train([*overrides, "data.on_empty=skip", "data.max_len=32"], tmp_path)
+        )
+        assert metrics["train/loss"] > 0 and "test/acc" in metrics
+        return
     overrides = [f"experiment={experiment}", "debug=fdr", f"data.dir={data_root}/{experiment}"]
     cfg = compose_train(overrides, tmp_path)
     paths = list(cfg.data.prepare.source.paths)

@@ -242,3 +242,18 @@ def load_bert(path: str | Path):
     model.load_state_dict(state)
     tokenizer = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
     return model.eval(), tokenizer
+
+
+def load_pretrained(source: str | Path):
+    """(model, tokenizer, family) of a pretraining checkpoint of ours or a transformers GPT-2 /
+    BERT directory; family is "gpt" or "bert"."""
+    path = local_path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        import json
+
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        family = "bert" if model_type == "bert" else "gpt"
+    else:
+        family = "bert" if "masking" in load_checkpoint(path).get("hyper_parameters", {}) else "gpt"
+    model, tokenizer = (load_bert if family == "bert" else load_gpt)(path)
+    return model, tokenizer, family

@@ -157,6 +157,8 @@ class Throughput(L.Callback):
 
     @staticmethod
     def _flops_per_token(pl_module, seq_len: int) -> float:
+        if hasattr(pl_module, "flops_per_token"):  # a task that counts its own (classification)
+            return pl_module.flops_per_token(seq_len)
         model = pl_module.model
         fraction = getattr(getattr(pl_module, "masking", None), "mask_prob", None)
         if fraction is not None:

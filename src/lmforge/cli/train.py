@@ -38,7 +38,7 @@ def validate(cfg: DictConfig) -> RunConfig:
         for key, node in cfg.task.items()
         if isinstance(node, DictConfig) and "_target_" in node
     }
-    if data.seq_len > model.block_size:
+    if getattr(data, "seq_len", 0) > model.block_size:
         raise LMForgeError(
             f"data.seq_len={data.seq_len} exceeds model.block_size={model.block_size}:"
             " lower data.seq_len or raise model.block_size"
@@ -78,29 +78,13 @@ def train(cfg: DictConfig) -> dict:
     out_dir = cfg.paths.output_dir
     ckpt_path, resume_step = resume_from(cfg.resume, Path(out_dir) / "checkpoints")
 
-    from lmforge.data.datamodule import TokenDataModule
+    from lmforge.data.classification import ClassificationDataConfig
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    dm = TokenDataModule(typed.data, seed=cfg.seed, masking=typed.task.get("masking"))
-    dm.prepare_data()
-    tok_vocab = dm.meta["vocab_size"]
-    user_vocab = cfg.model.get("vocab_size")
-    if user_vocab is not None and user_vocab < tok_vocab:
-        raise LMForgeError(
-            f"model.vocab_size={user_vocab} is smaller than the tokenizer's {tok_vocab}:"
-            " remove model.vocab_size to take the tokenizer's size"
-        )
-    model_cfg = build(cfg.model, "model", vocab_size=user_vocab or tok_vocab)
-    task_cls = hydra.utils.get_class(cfg.task._target_)
-    initial = None
-    if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
-        initial = initial_model(
-            cfg.init_from, model_cfg, tok_vocab, dm, masked="masking" in typed.task
-        )
-        model_cfg = initial.config
-    task = task_cls(model=model_cfg, **typed.task)
-    if initial is not None:
-        task.model.load_state_dict(initial.state_dict())
+    if isinstance(typed.data, ClassificationDataConfig):
+        dm, task = classification_setup(cfg, typed)
+    else:
+        dm, task = language_model_setup(cfg, typed, ckpt_path)
     task.compile = typed.compile
     task.activation_checkpointing = typed.activation_checkpointing
     task.on_nonfinite = typed.on_nonfinite
@@ -118,6 +102,8 @@ def train(cfg: DictConfig) -> dict:
         cfg.trainer, logger=loggers or False, callbacks=callbacks, use_distributed_sampler=False
     )
     refuse_multirun_with_ranks(trainer.world_size)
+    if isinstance(typed.data, ClassificationDataConfig) and trainer.world_size > 1:
+        raise LMForgeError("classification fine-tuning runs on one device: use trainer=cpu or gpu")
     batch = global_batch(trainer, typed.data)
     if not isinstance(trainer.strategy, ModelParallelStrategy):  # that one stages its own writes
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -141,6 +127,10 @@ def train(cfg: DictConfig) -> dict:
                 trim_metrics(Path(logger.log_dir) / "metrics.csv", resume_step)
     try:
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
+        if getattr(dm, "sets", {}).get("test") is not None:  # classification: the held-out split
+            trainer.test(task, datamodule=dm, verbose=False)
+            metrics |= {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
     except Preempted as e:
         print(f"{e}: resume with resume=auto", flush=True)
         sys.exit(EXIT_REQUEUE)
@@ -148,10 +138,80 @@ def train(cfg: DictConfig) -> dict:
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 logger.experiment.finish()
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     if trainer.is_global_zero:
         report(trainer, metrics, out_dir)
     return metrics
+
+
+def language_model_setup(cfg: DictConfig, typed: RunConfig, ckpt_path: str | None):
+    """The token data module and the pretraining task (GPT or BERT) of a run."""
+    from lmforge.data.datamodule import TokenDataModule
+
+    dm = TokenDataModule(typed.data, seed=cfg.seed, masking=typed.task.get("masking"))
+    dm.prepare_data()
+    tok_vocab = dm.meta["vocab_size"]
+    user_vocab = cfg.model.get("vocab_size")
+    if user_vocab is not None and user_vocab < tok_vocab:
+        raise LMForgeError(
+            f"model.vocab_size={user_vocab} is smaller than the tokenizer's {tok_vocab}:"
+            " remove model.vocab_size to take the tokenizer's size"
+        )
+    model_cfg = build(cfg.model, "model", vocab_size=user_vocab or tok_vocab)
+    task_cls = hydra.utils.get_class(cfg.task._target_)
+    initial = None
+    if cfg.get("init_from") and ckpt_path is None:  # a resumed run has its own weights
+        initial = initial_model(
+            cfg.init_from, model_cfg, tok_vocab, dm, masked="masking" in typed.task
+        )
+        model_cfg = initial.config
+    task = task_cls(model=model_cfg, **typed.task)
+    if initial is not None:
+        task.model.load_state_dict(initial.state_dict())
+    return dm, task
+
+
+def classification_setup(cfg: DictConfig, typed: RunConfig):
+    """Labelled data tokenized with the pretrained model's tokenizer, and a classifier on it."""
+    from dataclasses import fields
+
+    from lmforge.checkpoint import load_pretrained
+    from lmforge.data.datamodule import ClassificationDataModule
+    from lmforge.tasks.classification import ClassificationTask
+
+    if not cfg.get("init_from"):
+        raise LMForgeError(
+            "classification fine-tunes a pretrained model: set init_from=<checkpoint of"
+            " lmforge-train, or a transformers GPT-2 / BERT directory>"
+        )
+    backbone, tokenizer, family = load_pretrained(cfg.init_from)
+    if tokenizer is None:
+        raise LMForgeError(f"init_from={cfg.init_from} carries no tokenizer (tokenizer.json)")
+    dm = ClassificationDataModule(typed.data, tokenizer, family, seed=cfg.seed)
+    dm.setup("fit")
+    model = {f.name: getattr(backbone.config, f.name) for f in fields(backbone.config) if f.init}
+    model["dropout"] = cfg.model.get("dropout", model["dropout"])
+    if typed.data.max_len > model["block_size"]:
+        raise LMForgeError(
+            f"data.max_len={typed.data.max_len} exceeds the model's block_size={model['block_size']}"
+        )
+    task = ClassificationTask(
+        model=model,
+        family=family,
+        labels=dm.labels,
+        optim=typed.task["optim"],
+        lora=typed.task.get("lora"),
+        train_last_blocks=cfg.task.get("train_last_blocks"),
+        class_weights=dm.class_weights().tolist() if typed.data.balance == "weights" else None,
+    )
+    task.load_backbone(backbone.state_dict())
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    from lightning.pytorch.utilities import rank_zero_info
+
+    rank_zero_info(
+        f"classifier on a {family.upper()} from {cfg.init_from}: labels {dm.labels};"
+        f" {trainable:,} of {sum(p.numel() for p in task.parameters()):,} parameters trained"
+    )
+    return dm, task
 
 
 def initial_model(source: str, asked, tok_vocab: int, dm, masked: bool):
@@ -251,13 +311,14 @@ def refuse_multirun_with_ranks(world_size: int) -> None:
 
 def global_batch(trainer, data) -> dict[str, int]:
     """Derive the accumulation from data.global_batch_tokens when set; report the global batch."""
-    per_step = data.batch_size * data.seq_len * trainer.world_size  # tokens per micro-batch step
-    if data.global_batch_tokens is not None:
+    seq_len = getattr(data, "seq_len", None) or data.max_len  # classification: at most max_len
+    per_step = data.batch_size * seq_len * trainer.world_size  # tokens per micro-batch step
+    if getattr(data, "global_batch_tokens", None) is not None:
         accumulate, rest = divmod(data.global_batch_tokens, per_step)
         if accumulate < 1 or rest:
             raise LMForgeError(
                 f"data.global_batch_tokens={data.global_batch_tokens} is not a multiple of"
-                f" data.batch_size x data.seq_len x devices = {data.batch_size} x {data.seq_len} x"
+                f" data.batch_size x data.seq_len x devices = {data.batch_size} x {seq_len} x"
                 f" {trainer.world_size} = {per_step}: use a multiple such as"
                 f" {max(1, round(data.global_batch_tokens / per_step)) * per_step}"
             )
@@ -267,13 +328,13 @@ def global_batch(trainer, data) -> dict[str, int]:
     from lightning.pytorch.utilities import rank_zero_info
 
     rank_zero_info(
-        f"global batch: {sequences} sequences x {data.seq_len} tokens = {sequences * data.seq_len:,}"
+        f"global batch: {sequences} sequences x {seq_len} tokens = {sequences * seq_len:,}"
         f" tokens per optimizer step (batch {data.batch_size} x accumulate {accumulate} x"
         f" {trainer.world_size} devices)"
     )
     return {
         "batch/global_sequences": sequences,
-        "batch/global_tokens": sequences * data.seq_len,
+        "batch/global_tokens": sequences * seq_len,
         "batch/accumulate": accumulate,
         "batch/world_size": trainer.world_size,
     }
@@ -284,6 +345,10 @@ def report(trainer, metrics: dict, out_dir: str) -> None:
     if "val/loss" in metrics:
         lines.append(
             f"val/loss {metrics['val/loss']:.4f}  val/ppl {metrics.get('val/ppl', float('nan')):.3f}"
+        )
+    if "test/acc" in metrics:
+        lines.append(
+            f"test/acc {metrics['test/acc']:.4f}  test/f1_macro {metrics.get('test/f1_macro', float('nan')):.4f}"
         )
     ckpt = trainer.checkpoint_callback
     if ckpt is not None and ckpt.best_model_path:

@@ -11,8 +11,10 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader
 
+from lmforge.data.classification import collate
 from lmforge.data.config import DataConfig
 from lmforge.data.datasets import (
     MLMBatches,
@@ -127,3 +129,87 @@ class TokenDataModule(L.LightningDataModule):
             num_workers=self.config.num_workers,
             pin_memory=self._pin(),
         )
+
+
+class ClassificationDataModule(L.LightningDataModule):
+    """Labelled examples for classification fine-tuning, tokenized with the model's tokenizer.
+
+    ``labels``: the label set (discovered from the training file when not given, e.g. when a
+    checkpoint brings its own).
+    """
+
+    def __init__(
+        self,
+        config,
+        tokenizer,
+        family: str,
+        seed: int = 1337,
+        labels: list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        from lmforge.data.classification import read_examples
+
+        self.config, self.tokenizer, self.family, self.seed = config, tokenizer, family, seed
+        self.examples = {"train": read_examples(config.train, config)}
+        self.labels = labels or sorted({label for _, label in self.examples["train"]})
+        if len(self.labels) < 2:
+            raise LMForgeError(
+                f"{config.train} has a single label ({self.labels[0]!r}): nothing to classify"
+            )
+        pad = "[PAD]" if family == "bert" else "<|endoftext|>"
+        self.pad_id = tokenizer.token_to_id(pad) or 0
+        self.sets: dict = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        from lmforge.data.classification import encode, read_examples
+
+        c = self.config
+        if self.sets:
+            return
+        files = {"train": c.train, "val": c.val} | ({"test": c.test} if c.test else {})
+        for split, path in files.items():
+            examples = self.examples.get(split) or read_examples(path, c)
+            self.sets[split], counts = encode(
+                examples, self.labels, self.tokenizer, self.family, c, f"{path}"
+            )
+            if counts:
+                done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+                rank_zero_info(f"{split}: {len(self.sets[split])} examples ({done})")
+        self.class_counts = torch.bincount(
+            torch.tensor(self.sets["train"].labels), minlength=len(self.labels)
+        )
+
+    def class_weights(self) -> torch.Tensor:
+        """Loss weights inverse to class frequency, averaging 1 over the training examples."""
+        counts = self.class_counts.float().clamp(min=1)
+        return counts.sum() / (len(counts) * counts)
+
+    def _loader(self, split: str, train: bool) -> DataLoader:
+        c = self.config
+        data = self.sets[split]
+        sampler = None
+        if train and c.balance == "sampling":
+            weights = self.class_weights()[torch.tensor(data.labels)]
+            sampler = torch.utils.data.WeightedRandomSampler(
+                weights, len(data), generator=torch.Generator().manual_seed(self.seed)
+            )
+        return DataLoader(
+            data,
+            batch_size=c.batch_size if train else (c.val_batch_size or c.batch_size),
+            shuffle=train and sampler is None,
+            sampler=sampler,
+            generator=torch.Generator().manual_seed(self.seed) if train else None,
+            collate_fn=functools.partial(collate, pad_id=self.pad_id),
+            num_workers=c.num_workers,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", False)
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.sets:
+            raise LMForgeError("no test split: set data.test")
+        return self._loader("test", False)

@@ -139,6 +139,11 @@ class GPT(nn.Module):
 
     def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids ``idx`` (B, T); padded vocabulary rows dropped."""
+        logits = self.lm_head(self.features(idx, cache))  # (B, T, padded_vocab_size)
+        return logits[..., : self.config.vocab_size]
+
+    def features(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), after the last LayerNorm."""
         B, T = idx.shape
         past = cache.seq_len if cache is not None else 0
         if past + T > self.config.block_size:
@@ -157,8 +162,7 @@ class GPT(nn.Module):
                 x = checkpoint(block, x, rope=rope, use_reentrant=False)  # recomputed in backward
             else:
                 x = block(x, rope=rope, cache=cache, layer=i, past=past)
-        logits = self.lm_head(self.ln_f(x))  # (B, T, padded_vocab_size)
-        return logits[..., : self.config.vocab_size]
+        return self.ln_f(x)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, **sampling) -> torch.Tensor:

@@ -93,7 +93,7 @@ class LMTask(L.LightningModule):
         Compilation by default only on CUDA, where it pays (on a CPU it costs 30-40 s a shape for
         at most 1.25x). Under FSDP each block is compiled, then sharded as one unit.
         """
-        if self._configured:
+        if self._configured or self._trainer is None:  # load_from_checkpoint: nothing to set up
             return
         self._configured = True
         from lightning.pytorch.strategies import ModelParallelStrategy
@@ -206,11 +206,9 @@ class LMTask(L.LightningModule):
 
     def param_groups(self) -> list[dict]:
         """Weight decay for matrices (embeddings as ``decay_embeddings`` says); none for biases and norms."""
-        embeddings = {
-            id(m.weight) for m in self.model.modules() if isinstance(m, torch.nn.Embedding)
-        }
+        embeddings = {id(m.weight) for m in self.modules() if isinstance(m, torch.nn.Embedding)}
         decay, no_decay = [], []
-        for _, p in self.model.named_parameters():  # tied weights appear once
+        for _, p in self.named_parameters():  # the model and any head; tied weights appear once
             if p.requires_grad:
                 is_matrix = p.dim() >= 2 and (
                     self.optim.decay_embeddings or id(p) not in embeddings
