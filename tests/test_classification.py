@@ -175,3 +175,21 @@ def test_a_classifier_needs_a_pretrained_model(tmp_path):
     cfg = compose_train(["experiment=finetune_sms_spam_gpt", "init_from=null"], tmp_path)
     with pytest.raises(LMForgeError, match="classification fine-tunes a pretrained model"):
         train(cfg)
+
+
+def test_train_last_blocks_freezes_the_rest():
+    from lmforge.tasks.classification import ClassificationTask
+
+    model = {"vocab_size": 50, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 16}
+    task = ClassificationTask(model, "gpt", ["a", "b"], train_last_blocks=1)
+    trainable = {
+        n.split(".")[0] + "." + n.split(".")[1]
+        for n, p in task.named_parameters()
+        if p.requires_grad
+    }
+    assert trainable == {"model.blocks", "model.ln_f", "head.weight", "head.bias"}
+    assert all(
+        p.requires_grad == n.startswith("model.blocks.2.")
+        for n, p in task.named_parameters()
+        if n.startswith("model.blocks.")
+    )
