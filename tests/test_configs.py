@@ -75,7 +75,7 @@ def pretrained_checkpoint(family: str, root: Path) -> Path:
             ["model=bert-nano", "task=masked_lm", "data=shakespeare_wordpiece"]
             + ["data.prepare.tokenizer.vocab_size=500", "data.max_val_windows=4"]
             if family == "bert"
-            else ["model=gpt-nano"]
+            else ["model=gpt-nano", "model.block_size=256"]  # room for instruction prompts
         )
         cfg = compose_train(
             [*extra, f"data.dir={root}/{family}/data", "trainer.max_steps=2", "logger=csv"]
@@ -89,14 +89,17 @@ def pretrained_checkpoint(family: str, root: Path) -> Path:
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_factory):
     data_root = tmp_path_factory.getbasetemp() / "experiment-data"
-    if experiment.startswith("finetune_"):  # fine-tuning starts from a pretrained model
+    if experiment.startswith(("finetune_", "instruct_")):  # they start from a pretrained model
         family = "bert" if "_bert" in experiment else "gpt"
         ckpt = pretrained_checkpoint(family, data_root / "pretrained")
         overrides = [f"experiment={experiment}", "debug=fdr", f"init_from={ckpt}"]
-        metrics = train(
-            compose_train([*overrides, "data.on_empty=skip", "data.max_len=32"], tmp_path)
-        )
-        assert metrics["train/loss"] > 0 and "test/acc" in metrics
+        if experiment.startswith("finetune_"):
+            overrides += ["data.on_empty=skip", "data.max_len=32"]
+        else:  # characters: the Alpaca prompt alone is ~170 tokens
+            overrides += ["data.max_len=256"]
+        metrics = train(compose_train(overrides, tmp_path))
+        assert metrics["train/loss"] > 0
+        assert "test/acc" in metrics or not experiment.startswith("finetune_")
         return
     overrides = [f"experiment={experiment}", "debug=fdr", f"data.dir={data_root}/{experiment}"]
     cfg = compose_train(overrides, tmp_path)

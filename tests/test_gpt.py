@@ -169,3 +169,25 @@ def test_filter_logits_by_hand():
     ]
     assert filter_logits(logits, seen, top_k=2).isfinite()[0].tolist() == [True, True, False, False]
     assert torch.equal(filter_logits(logits, seen, temperature=0.5), logits * 2)
+
+
+@pytest.mark.parametrize("pos_emb", ["learned", "rotary"])
+def test_packed_examples_do_not_see_each_other(pos_emb):
+    """Two examples packed in one row: each gets the logits it gets alone; changing one leaves
+    the other's untouched."""
+    torch.manual_seed(0)
+    model = GPT(
+        GPTConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=16, pos_emb=pos_emb)
+    ).eval()
+    a, b = torch.randint(0, 65, (1, 6)), torch.randint(0, 65, (1, 9))
+    packed = torch.cat([a, b], dim=1)
+    segments = torch.tensor([[0] * 6 + [1] * 9])
+    with torch.no_grad():
+        out = model(packed, segments=segments)
+        torch.testing.assert_close(out[:, :6], model(a), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[:, 6:], model(b), rtol=1e-5, atol=1e-5)
+        changed = packed.clone()
+        changed[0, :6] = (changed[0, :6] + 1) % 65
+        again = model(changed, segments=segments)
+    assert torch.equal(again[:, 6:], out[:, 6:])
+    assert not torch.allclose(again[:, :6], out[:, :6])

@@ -79,10 +79,14 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path, resume_step = resume_from(cfg.resume, Path(out_dir) / "checkpoints")
 
     from lmforge.data.classification import ClassificationDataConfig
+    from lmforge.data.config import DataConfig
+    from lmforge.data.instructions import InstructionDataConfig
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     if isinstance(typed.data, ClassificationDataConfig):
         dm, task = classification_setup(cfg, typed)
+    elif isinstance(typed.data, InstructionDataConfig):
+        dm, task = instruction_setup(cfg, typed)
     else:
         dm, task = language_model_setup(cfg, typed, ckpt_path)
     task.compile = typed.compile
@@ -98,12 +102,19 @@ def train(cfg: DictConfig) -> dict:
     ]
     # Data parallelism is in the data module (each rank its rows of one global batch, its share
     # of the validation windows), not in a DistributedSampler.
+    # Instruction tuning validates before fitting: metric states made under inference mode
+    # could not be updated in the fit's validations, so evaluation runs under no_grad there.
+    eval_mode = {"inference_mode": False} if isinstance(typed.data, InstructionDataConfig) else {}
     trainer: L.Trainer = hydra.utils.instantiate(
-        cfg.trainer, logger=loggers or False, callbacks=callbacks, use_distributed_sampler=False
+        cfg.trainer,
+        logger=loggers or False,
+        callbacks=callbacks,
+        use_distributed_sampler=False,
+        **eval_mode,
     )
     refuse_multirun_with_ranks(trainer.world_size)
-    if isinstance(typed.data, ClassificationDataConfig) and trainer.world_size > 1:
-        raise LMForgeError("classification fine-tuning runs on one device: use trainer=cpu or gpu")
+    if not isinstance(typed.data, DataConfig) and trainer.world_size > 1:
+        raise LMForgeError("fine-tuning runs on one device for now: use trainer=cpu or gpu")
     batch = global_batch(trainer, typed.data)
     if not isinstance(trainer.strategy, ModelParallelStrategy):  # that one stages its own writes
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
@@ -126,6 +137,8 @@ def train(cfg: DictConfig) -> dict:
             if isinstance(logger, CSVLogger):
                 trim_metrics(Path(logger.log_dir) / "metrics.csv", resume_step)
     try:
+        if isinstance(typed.data, InstructionDataConfig) and ckpt_path is None:
+            trainer.validate(task, datamodule=dm, verbose=False)  # step 0: before tuning
         trainer.fit(task, datamodule=dm, ckpt_path=ckpt_path)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if v.numel() == 1}
         if getattr(dm, "sets", {}).get("test") is not None:  # classification: the held-out split
@@ -210,6 +223,48 @@ def classification_setup(cfg: DictConfig, typed: RunConfig):
     rank_zero_info(
         f"classifier on a {family.upper()} from {cfg.init_from}: labels {dm.labels};"
         f" {trainable:,} of {sum(p.numel() for p in task.parameters()):,} parameters trained"
+    )
+    return dm, task
+
+
+def instruction_setup(cfg: DictConfig, typed: RunConfig):
+    """Instruction records tokenized with the pretrained GPT's tokenizer, and the tuning task."""
+    from dataclasses import fields
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lmforge.checkpoint import load_pretrained
+    from lmforge.data.datamodule import InstructionDataModule
+    from lmforge.data.instructions import render_prompt
+    from lmforge.tasks.instruction import InstructionTask
+
+    if not cfg.get("init_from"):
+        raise LMForgeError("instruction tuning starts from a pretrained GPT: set init_from=...")
+    backbone, tokenizer, family = load_pretrained(cfg.init_from)
+    if family != "gpt" or tokenizer is None:
+        raise LMForgeError(
+            f"init_from={cfg.init_from}: instruction tuning needs a GPT with its tokenizer"
+        )
+    model = {f.name: getattr(backbone.config, f.name) for f in fields(backbone.config) if f.init}
+    model["dropout"] = cfg.model.get("dropout", model["dropout"])
+    if typed.data.max_len > model["block_size"]:
+        raise LMForgeError(
+            f"data.max_len={typed.data.max_len} exceeds the model's block_size={model['block_size']}"
+        )
+    dm = InstructionDataModule(typed.data, tokenizer, seed=cfg.seed)
+    dm.setup("fit")
+    task = InstructionTask(model=model, optim=typed.task["optim"], lora=typed.task.get("lora"))
+    missing, _ = task.model.load_state_dict(backbone.state_dict(), strict=False)
+    if any("lora_" not in k for k in missing):
+        raise LMForgeError(f"the pretrained weights lack {', '.join(missing[:3])}")
+    task.tokenizer = tokenizer
+    task.sample_prompts = [
+        render_prompt(r, typed.data) for r in dm.val_records[: typed.data.sample_prompts]
+    ]
+    trainable = sum(p.numel() for p in task.parameters() if p.requires_grad)
+    rank_zero_info(
+        f"instruction tuning a GPT from {cfg.init_from}: {trainable:,} of"
+        f" {sum(p.numel() for p in task.parameters()):,} parameters trained"
     )
     return dm, task
 

@@ -213,3 +213,61 @@ class ClassificationDataModule(L.LightningDataModule):
         if "test" not in self.sets:
             raise LMForgeError("no test split: set data.test")
         return self._loader("test", False)
+
+
+class InstructionDataModule(L.LightningDataModule):
+    """Instruction records tokenized with the model's tokenizer: padded (or packed) batches of
+    ``input_ids``, ``labels`` (-100 on prompts and padding) and, packed, ``segments``."""
+
+    def __init__(self, config, tokenizer, seed: int = 1337) -> None:
+        super().__init__()
+        self.config, self.tokenizer, self.seed = config, tokenizer, seed
+        self.pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
+        self.sets: dict = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        from lmforge.data.instructions import encode_records, pack, read_records
+
+        if self.sets:
+            return
+        c = self.config
+        self.val_records = read_records(c.val)
+        for split, path, records in (
+            ("train", c.train, read_records(c.train)),
+            ("val", c.val, self.val_records),
+        ):
+            examples, counts = encode_records(records, self.tokenizer, c, str(path))
+            done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+            rank_zero_info(f"{split}: {len(examples)} examples" + (f" ({done})" if done else ""))
+            self.sets[split] = (
+                pack(examples, c.max_len, self.pad_id) if c.pack and split == "train" else examples
+            )
+
+    def train_dataloader(self) -> DataLoader:
+        from lmforge.data.instructions import pad_batch
+
+        c = self.config
+        collate_fn = (
+            torch.utils.data.default_collate
+            if c.pack
+            else functools.partial(pad_batch, pad_id=self.pad_id)
+        )
+        return DataLoader(
+            self.sets["train"],
+            batch_size=c.batch_size,
+            shuffle=True,
+            generator=torch.Generator().manual_seed(self.seed),
+            collate_fn=collate_fn,
+            num_workers=c.num_workers,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        from lmforge.data.instructions import pad_batch
+
+        c = self.config
+        return DataLoader(
+            self.sets["val"],
+            batch_size=c.val_batch_size or c.batch_size,
+            collate_fn=functools.partial(pad_batch, pad_id=self.pad_id),
+            num_workers=c.num_workers,
+        )

@@ -73,8 +73,19 @@ class Block(nn.Module):
             config.gelu_approximate,
         )
 
-    def forward(self, x, rope=None, cache: KVCache | None = None, layer: int = 0, past: int = 0):
-        x = x + self.attn(self.ln_1(x), causal=True, rope=rope, cache=cache, layer=layer, past=past)
+    def forward(
+        self,
+        x,
+        rope=None,
+        cache: KVCache | None = None,
+        layer: int = 0,
+        past: int = 0,
+        attn_mask: torch.Tensor | None = None,
+    ):
+        h = self.ln_1(x)
+        x = x + self.attn(
+            h, causal=True, attn_mask=attn_mask, rope=rope, cache=cache, layer=layer, past=past
+        )
         return x + self.mlp(self.ln_2(x))
 
 
@@ -137,31 +148,59 @@ class GPT(nn.Module):
         N = self.num_params(exclude_position_embeddings=True)
         return 6 * N + 12 * c.n_layer * c.n_head * c.head_dim * T
 
-    def forward(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids ``idx`` (B, T); padded vocabulary rows dropped."""
-        logits = self.lm_head(self.features(idx, cache))  # (B, T, padded_vocab_size)
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids ``idx`` (B, T); padded vocabulary rows dropped.
+        ``segments``: see ``features``."""
+        logits = self.lm_head(self.features(idx, cache, segments))  # (B, T, padded_vocab_size)
         return logits[..., : self.config.vocab_size]
 
-    def features(self, idx: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
-        """The final hidden states (B, T, n_embd), after the last LayerNorm."""
+    def features(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The final hidden states (B, T, n_embd), after the last LayerNorm.
+
+        ``segments`` (B, T): for sequences packed with several examples, the example each token
+        belongs to. A token then attends only to earlier tokens of its own example, and
+        positions restart at 0 with each example, as if every example ran alone.
+        """
         B, T = idx.shape
         past = cache.seq_len if cache is not None else 0
         if past + T > self.config.block_size:
             raise ValueError(
                 f"sequence of {past + T} tokens exceeds block_size {self.config.block_size}"
             )
+        mask = None
+        positions = torch.arange(past, past + T, device=idx.device)
+        if segments is not None:
+            same = segments[:, :, None] == segments[:, None, :]  # (B, T, T)
+            mask = (same & torch.ones(T, T, dtype=torch.bool, device=idx.device).tril())[:, None]
+            starts = torch.ones_like(segments, dtype=torch.bool)
+            starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+            index = torch.arange(T, device=idx.device).expand(B, T)
+            first = torch.where(starts, index, 0).cummax(dim=1).values  # each token's example start
+            positions = index - first  # (B, T)
         x = self.tok_emb(idx)  # (B, T, n_embd)
         rope = None
         if self.pos_emb is not None:
-            x = x + self.pos_emb(torch.arange(past, past + T, device=idx.device))
+            x = x + self.pos_emb(positions)
+        elif segments is not None:
+            rope = (self.rope_cos[positions][:, None], self.rope_sin[positions][:, None])
         else:
             rope = (self.rope_cos, self.rope_sin)
         x = self.drop(x)
         for i, block in enumerate(self.blocks):
             if self.checkpoint_blocks and self.training:
-                x = checkpoint(block, x, rope=rope, use_reentrant=False)  # recomputed in backward
+                x = checkpoint(block, x, rope=rope, attn_mask=mask, use_reentrant=False)
             else:
-                x = block(x, rope=rope, cache=cache, layer=i, past=past)
+                x = block(x, rope=rope, cache=cache, layer=i, past=past, attn_mask=mask)
         return self.ln_f(x)
 
     @torch.no_grad()

@@ -81,10 +81,14 @@ class Attention(nn.Module):
         k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
         if rope is not None:
-            cos, sin = rope[0][past : past + T], rope[1][past : past + T]
+            cos, sin = rope
+            if cos.dim() == 2:  # the whole table: this pass's positions; else (B, 1, T, D) given
+                cos, sin = cos[past : past + T], sin[past : past + T]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.update(layer, k, v)  # (B, n_head, past + T, head_dim)
+        if causal and attn_mask is not None:
+            causal = False  # the mask given already holds the causal structure
         if causal and past > 0:
             # Queries sit at positions past..past+T-1 and see every key up to their own position.
             if T > 1:
