@@ -193,3 +193,23 @@ def test_train_last_blocks_freezes_the_rest():
         for n, p in task.named_parameters()
         if n.startswith("model.blocks.")
     )
+
+
+def test_class_balance_by_weights_and_by_sampling(tmp_path):
+    from lmforge.data.datamodule import ClassificationDataModule
+
+    tok = train_tokenizer(
+        [(SMS / "train.tsv").read_text(encoding="utf-8")], TokenizerConfig(kind="char")
+    )
+    split = small_split(tmp_path, n_train=600)
+    cfg = ClassificationDataConfig(
+        train=str(split["train"]), val=str(split["val"]), balance="sampling", batch_size=50
+    )
+    dm = ClassificationDataModule(cfg, tok, "gpt", seed=3)
+    dm.setup()
+    labels = torch.tensor(dm.sets["train"].labels)
+    weights = dm.class_weights()
+    assert weights[labels].sum().item() == pytest.approx(len(labels))  # mean weight 1
+    assert weights[1] > 5 * weights[0]  # spam is the rare class
+    drawn = torch.cat([b["labels"] for b in dm.train_dataloader()])
+    assert labels.float().mean() < 0.2 and 0.4 < drawn.float().mean() < 0.6  # balanced batches

@@ -87,3 +87,27 @@ def test_bad_records_are_refused_or_counted(tok):
     cut = InstructionDataConfig("", "", max_len=first + 1)  # "hi" + <|endoftext|> does not fit
     kept, counts = encode_records(RECORDS[:1], tok, cut, "val")
     assert counts["response truncated"] == 1 and len(kept[0][0]) == first + 1
+
+
+def test_an_instruction_checkpoint_with_adapters_loads_merged(tmp_path):
+    """load_gpt (lmforge-generate, -eval, -export) folds LoRA adapters into the weights."""
+    from lmforge.checkpoint import load_gpt
+    from lmforge.models.lora import LoRALinear
+    from lmforge.tasks.instruction import InstructionTask
+
+    torch.manual_seed(0)
+    model = {"vocab_size": 40, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
+    task = InstructionTask(model, lora={"rank": 4}).eval()
+    with torch.no_grad():
+        for m in task.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0, 0.1)  # as if trained
+    torch.save(
+        {"hyper_parameters": dict(task.hparams), "state_dict": task.state_dict()},
+        tmp_path / "i.ckpt",
+    )
+    merged, _ = load_gpt(tmp_path / "i.ckpt")
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    x = torch.randint(0, 40, (2, 12))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x), task.model(x), rtol=1e-5, atol=1e-5)

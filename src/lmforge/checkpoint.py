@@ -212,8 +212,18 @@ def load_gpt(path: str | Path) -> tuple[GPT, Tokenizer | None]:
         raise LMForgeError(
             f"checkpoint {path} is not a GPT checkpoint of lmforge (missing {e})"
         ) from None
+    if "labels" in ckpt["hyper_parameters"]:
+        raise LMForgeError(f"checkpoint {path} is a classifier, not a language model")
     model = GPT(model_cfg)
-    model.load_state_dict(state)
+    lora = ckpt["hyper_parameters"].get("lora") or {}
+    if lora.get("rank"):  # adapters of instruction tuning: folded into the weights
+        from lmforge.models.lora import add_lora, merge_lora
+
+        add_lora(model, lora["targets"], lora["rank"], lora["alpha"])
+        model.load_state_dict(state)
+        merge_lora(model).requires_grad_(True)
+    else:
+        model.load_state_dict(state)
     tokenizer = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
     return model.eval(), tokenizer
 
