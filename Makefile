@@ -30,9 +30,10 @@ test: $(STAMP)  ## the fast test suite (what CI runs)
 test-all: $(STAMP)  ## every test, the slow ones too
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
-lint: $(STAMP)  ## ruff lint and format check
+lint: $(STAMP)  ## ruff lint and format check; hadolint on the Dockerfile
 	$(VENV)/bin/ruff check src tests bench
 	$(VENV)/bin/ruff format --check src tests bench
+	$(VENV)/bin/hadolint Dockerfile
 
 format: $(STAMP)
 	$(VENV)/bin/ruff check --fix src tests bench
