@@ -28,6 +28,7 @@ GROUPS = [
     "hydra",
     "debug",
     "experiment",
+    "hparams_search",
 ]
 
 

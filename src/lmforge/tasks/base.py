@@ -140,8 +140,13 @@ class LMTask(L.LightningModule):
             self._scale * self.trainer.accumulate_grad_batches * self.trainer.world_size / n
         )
         if self.logging_step():
-            self.log("train/loss", loss_sum / n, prog_bar=True)
-            self.log("train/tokens", float(self.tokens_seen))
+            # Straight to the loggers, now: a checkpoint at the end of this step then never
+            # precedes the step's row, so a run killed in between resumes with no row missing.
+            loss = loss_sum / n
+            row = {"train/loss": loss.item(), "train/tokens": float(self.tokens_seen)}
+            for logger in self.trainer.loggers:
+                logger.log_metrics(row, step=self.trainer.global_step)
+            self.log("train/loss", loss, prog_bar=True, logger=False)
         self._step_sum = self._step_tokens = None
 
     def configure_gradient_clipping(
@@ -158,6 +163,9 @@ class LMTask(L.LightningModule):
             norm = norm.full_tensor()
         if not self.finite_step(norm):
             return
+        if self.logging_step():  # the token-normalised gradient's norm, before clipping
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"train/grad_norm": norm.item()}, step=self.trainer.global_step)
         by_norm = gradient_clip_val and gradient_clip_algorithm in (None, "norm")
         if by_norm:
             factor = factor * torch.clamp(gradient_clip_val / (norm + 1e-6), max=1.0)

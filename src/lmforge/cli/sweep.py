@@ -1,0 +1,64 @@
+"""lmforge-sweep: the trials of a sweep, best first.
+
+    lmforge-sweep logs/causal_lm/multirun/<time> [--metric val/loss] [--max]
+
+For every trial directory: the swept parameters (the overrides that differ between trials) and
+the last logged value of the objective, from the trial's CSV log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from pathlib import Path
+
+import yaml
+
+from lmforge.cli import reports_errors
+from lmforge.errors import LMForgeError
+
+
+def trials(sweep_dir: Path, metric: str) -> list[tuple[str, dict[str, str], float]]:
+    found = []
+    for trial in sorted(
+        p for p in sweep_dir.iterdir() if (p / ".hydra" / "overrides.yaml").is_file()
+    ):
+        overrides = yaml.safe_load((trial / ".hydra" / "overrides.yaml").read_text()) or []
+        params = dict(o.split("=", 1) for o in overrides if "=" in o)
+        value = math.nan
+        metrics = trial / "csv" / "metrics.csv"
+        if metrics.is_file():
+            with open(metrics, newline="") as f:
+                values = [float(r[metric]) for r in csv.DictReader(f) if r.get(metric)]
+            value = values[-1] if values else math.nan
+        found.append((trial.name, params, value))
+    if not found:
+        raise LMForgeError(f"{sweep_dir} holds no trial directories (…/<n>/.hydra/overrides.yaml)")
+    return found
+
+
+@reports_errors
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="lmforge-sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("sweep_dir", help="logs/<task>/multirun/<time>")
+    parser.add_argument("--metric", default="val/loss")
+    parser.add_argument("--max", action="store_true", help="higher is better (e.g. val/acc)")
+    args = parser.parse_args(argv)
+    found = trials(Path(args.sweep_dir), args.metric)
+    swept = sorted({k for _, p, _ in found for k in p if len({q.get(k) for _, q, _ in found}) > 1})
+    sign = -1 if args.max else 1
+    found.sort(key=lambda t: (math.isnan(t[2]), sign * t[2] if not math.isnan(t[2]) else 0))
+    head = ["trial", args.metric, *swept]
+    rows = [
+        [name, f"{value:.4f}", *(params.get(k, "") for k in swept)] for name, params, value in found
+    ]
+    widths = [max(len(str(r[i])) for r in [head, *rows]) for i in range(len(head))]
+    for row in [head, *rows]:
+        print("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
