@@ -189,6 +189,12 @@ def local_path(source: str | Path) -> Path:
         ) from None
 
 
+def hf_tokenizer(path: Path) -> Tokenizer | None:
+    """The ``tokenizer.json`` of a transformers directory, if it has one."""
+    tok_file = path / "tokenizer.json"
+    return Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
+
+
 def load_gpt(path: str | Path) -> tuple[GPT, Tokenizer | None]:
     """The GPT and tokenizer (None when there is none) of a causal-LM checkpoint of ours (a file
     or a sharded directory), of a transformers GPT-2 directory, or of a hub name."""
@@ -196,10 +202,7 @@ def load_gpt(path: str | Path) -> tuple[GPT, Tokenizer | None]:
     if path.is_dir() and (path / "config.json").is_file():
         from lmforge.interop.hf_gpt2 import load_hf_gpt2
 
-        tok_file = path / "tokenizer.json"
-        return load_hf_gpt2(path), Tokenizer.from_file(
-            str(tok_file)
-        ) if tok_file.is_file() else None
+        return load_hf_gpt2(path), hf_tokenizer(path)
     ckpt = load_checkpoint(path)
     try:
         model_cfg = GPTConfig(**ckpt["hyper_parameters"]["model"])
@@ -237,10 +240,7 @@ def load_bert(path: str | Path):
     if path.is_dir() and (path / "config.json").is_file():
         from lmforge.interop.hf_bert import load_hf_bert
 
-        tok_file = path / "tokenizer.json"
-        return load_hf_bert(path), Tokenizer.from_file(
-            str(tok_file)
-        ) if tok_file.is_file() else None
+        return load_hf_bert(path), hf_tokenizer(path)
     ckpt = load_checkpoint(path)
     try:
         model = Bert(BertConfig(**ckpt["hyper_parameters"]["model"]))
