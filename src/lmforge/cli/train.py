@@ -183,9 +183,22 @@ def language_model_setup(cfg: DictConfig, typed: RunConfig, ckpt_path: str | Non
     return dm, task
 
 
+def fine_tuning_model(backbone, cfg: DictConfig, max_len: int) -> dict:
+    """The pretrained model's config fields, with the run's ``model.dropout``; refuses examples
+    longer than its context."""
+    from dataclasses import fields
+
+    model = {f.name: getattr(backbone.config, f.name) for f in fields(backbone.config) if f.init}
+    model["dropout"] = cfg.model.get("dropout", model["dropout"])
+    if max_len > model["block_size"]:
+        raise LMForgeError(
+            f"data.max_len={max_len} exceeds the model's block_size={model['block_size']}"
+        )
+    return model
+
+
 def classification_setup(cfg: DictConfig, typed: RunConfig):
     """Labelled data tokenized with the pretrained model's tokenizer, and a classifier on it."""
-    from dataclasses import fields
 
     from lmforge.checkpoint import load_pretrained
     from lmforge.data.datamodule import ClassificationDataModule
@@ -201,12 +214,7 @@ def classification_setup(cfg: DictConfig, typed: RunConfig):
         raise LMForgeError(f"init_from={cfg.init_from} carries no tokenizer (tokenizer.json)")
     dm = ClassificationDataModule(typed.data, tokenizer, family, seed=cfg.seed)
     dm.setup("fit")
-    model = {f.name: getattr(backbone.config, f.name) for f in fields(backbone.config) if f.init}
-    model["dropout"] = cfg.model.get("dropout", model["dropout"])
-    if typed.data.max_len > model["block_size"]:
-        raise LMForgeError(
-            f"data.max_len={typed.data.max_len} exceeds the model's block_size={model['block_size']}"
-        )
+    model = fine_tuning_model(backbone, cfg, typed.data.max_len)
     task = ClassificationTask(
         model=model,
         family=family,
@@ -229,7 +237,6 @@ def classification_setup(cfg: DictConfig, typed: RunConfig):
 
 def instruction_setup(cfg: DictConfig, typed: RunConfig):
     """Instruction records tokenized with the pretrained GPT's tokenizer, and the tuning task."""
-    from dataclasses import fields
 
     from lightning.pytorch.utilities import rank_zero_info
 
@@ -245,12 +252,7 @@ def instruction_setup(cfg: DictConfig, typed: RunConfig):
         raise LMForgeError(
             f"init_from={cfg.init_from}: instruction tuning needs a GPT with its tokenizer"
         )
-    model = {f.name: getattr(backbone.config, f.name) for f in fields(backbone.config) if f.init}
-    model["dropout"] = cfg.model.get("dropout", model["dropout"])
-    if typed.data.max_len > model["block_size"]:
-        raise LMForgeError(
-            f"data.max_len={typed.data.max_len} exceeds the model's block_size={model['block_size']}"
-        )
+    model = fine_tuning_model(backbone, cfg, typed.data.max_len)
     dm = InstructionDataModule(typed.data, tokenizer, seed=cfg.seed)
     dm.setup("fit")
     task = InstructionTask(model=model, optim=typed.task["optim"], lora=typed.task.get("lora"))
