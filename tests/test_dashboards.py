@@ -1,39 +1,11 @@
 """What an (offline) W&B run of lmforge-train holds, read back from W&B's own run file."""
 
-import struct
 import time
 from pathlib import Path
 
 from lmforge.cli.train import train
 
-
-def wandb_records(path: Path):
-    """The protobuf records of a run-<id>.wandb file (LevelDB log format, 32 KiB blocks)."""
-    from wandb.proto import wandb_internal_pb2 as pb
-
-    data = path.read_bytes()
-    assert data[:4] == b":W&B"
-    pos, block, buf = 7, 32768, b""
-    while pos + 7 <= len(data):
-        left = block - pos % block
-        if left < 7:
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
-        if length == 0 and kind == 0:
-            pos += left
-            continue
-        buf += data[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind in (1, 4):  # a whole record, or the last piece of one
-            record = pb.Record()
-            record.ParseFromString(buf)
-            buf = b""
-            yield record
-
-
-def name(item) -> str:
-    return item.key or "/".join(item.nested_key)  # "a/b" keys may come split
+from .conftest import wandb_key, wandb_records
 
 
 def test_offline_wandb_run_holds_config_counts_throughput_and_samples(train_cfg):
@@ -53,13 +25,15 @@ def test_offline_wandb_run_holds_config_counts_throughput_and_samples(train_cfg)
         if any(r.WhichOneof("record_type") == "exit" for r in records):
             break
         time.sleep(0.1)
-    config, history, tags = {}, set(), []
+    config, history, tags, steps = {}, set(), [], []
     for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "config":
-            config |= {name(item): item.value_json for item in record.config.update}
+            config |= {wandb_key(item): item.value_json for item in record.config.update}
         elif kind == "history":
-            history |= {name(item) for item in record.history.item}
+            row = {wandb_key(item): item.value_json for item in record.history.item}
+            history |= row.keys()
+            steps.append((int(row["_step"]), int(row["trainer/global_step"])))
         elif kind == "run":
             tags = list(record.run.tags)
     assert {
@@ -74,8 +48,13 @@ def test_offline_wandb_run_holds_config_counts_throughput_and_samples(train_cfg)
     assert "api_key" not in str(config).lower()
     assert {"train/loss", "val/loss", "val/ppl", "train/tokens", "train/grad_norm"} <= history
     assert {"perf/tokens_per_s", "perf/step_ms", "lr-AdamW/pg1"} <= history
-    tables = sorted(run_file.parent.glob("files/media/table/samples_*.table.json"))
-    assert len(tables) == 2  # the text samples table, after each of the two validations
+    # one row per logged step (every 2nd), holding all of its metrics; W&B's _step is the step
+    assert steps == [(s, s) for s in range(1, 12, 2)]
+    tables = sorted(
+        run_file.parent.glob("files/media/table/samples_*.table.json"),
+        key=lambda p: int(p.name.split("_")[1]),  # samples_<step>_<hash>
+    )
+    assert [int(p.name.split("_")[1]) for p in tables] == [5, 11]  # after steps 6 and 12
     import json
 
     table = json.loads(tables[-1].read_text())

@@ -26,7 +26,7 @@ from lmforge.cli.train import train
 from lmforge.errors import LMForgeError
 from lmforge.tasks.causal_lm import CausalLMTask
 
-from .conftest import ROOT, SHAKESPEARE
+from .conftest import ROOT, SHAKESPEARE, wandb_key, wandb_records
 
 STEPS = 60
 
@@ -51,8 +51,8 @@ def command(log_dir: Path, name: str, *overrides: str) -> list[str]:
     ]
 
 
-def run(cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
-    env = os.environ | {"WANDB_MODE": "disabled"}
+def run(cmd: list[str], wandb: str = "disabled", **kwargs) -> subprocess.CompletedProcess:
+    env = os.environ | {"WANDB_MODE": wandb}
     return subprocess.run(
         cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, **kwargs
     )
@@ -71,11 +71,13 @@ def losses(run_dir: Path) -> dict[int, str]:
     return {int(r["step"]): r["train/loss"] for r in rows}
 
 
-def interrupt(cmd: list[str], run_dir: Path, sig: int, rng: random.Random) -> int:
+def interrupt(
+    cmd: list[str], run_dir: Path, sig: int, rng: random.Random, wandb: str = "disabled"
+) -> int:
     """Start ``cmd``, send ``sig`` once it has logged a random step past its first checkpoint;
     returns the exit status."""
     kill_after = rng.randint(12, 45)
-    env = os.environ | {"WANDB_MODE": "disabled"}
+    env = os.environ | {"WANDB_MODE": wandb}
     proc = subprocess.Popen(
         cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
@@ -241,16 +243,34 @@ def test_nan_stops_the_run_under_stop_keeping_the_last_good_checkpoint(train_cfg
     assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 2
 
 
-def test_resume_continues_the_wandb_run_and_the_csv(train_cfg, monkeypatch):
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    train(tiny(train_cfg, "trainer.max_steps=10", "logger=default"))
-    train(tiny(train_cfg, "trainer.max_steps=20", "logger=default", "resume=auto"))
-    run_dir = Path(tiny(train_cfg).paths.output_dir)
+def test_preempted_run_continues_its_offline_wandb_run(gpt):
+    """SIGTERM, resume: one W&B run (id kept in <run>/wandb/run_id) whose history, read back
+    from W&B's own transaction logs, is the uninterrupted run's, step for step."""
+    logs, common = gpt
+    name = "preempted-wandb"
+    cmd = command(logs, name, *common, "logger=default")
+    run_dir = logs / "causal_lm" / name
+    assert interrupt(cmd, run_dir, signal.SIGTERM, random.Random(7), wandb="offline") == 75
+    ok(run([*cmd, "resume=auto"], wandb="offline"))
     run_id = (run_dir / "wandb" / "run_id").read_text()
-    segments = sorted((run_dir / "wandb").glob("offline-run-*"))
-    assert len(segments) == 2 and all(f"-{run_id}" in s.name for s in segments)
-    steps = sorted(losses(run_dir))
-    assert steps == list(range(20))  # one CSV, no step twice, none missing
+    # W&B writes each process's transaction log into its own offline-run-<time>-<id> folder;
+    # both belong to this run and `wandb sync <run>/wandb` uploads them in start order.
+    parts = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}/run-{run_id}.wandb"))
+    assert len(parts) == 2
+    histories = []
+    for part in parts:
+        records = list(wandb_records(part))
+        assert {r.run.run_id for r in records if r.HasField("run")} == {run_id}
+        rows = [{wandb_key(i): i.value_json for i in r.history.item} for r in records]
+        histories.append({int(r["_step"]): r for r in rows if "train/loss" in r})
+    first, second = histories
+    resumed_at = min(second)
+    assert resumed_at == max(first) + 1  # saved at the boundary after the last logged step
+    assert sorted(first) == list(range(max(first) + 1))  # no gap before the kill
+    assert sorted(second) == list(range(resumed_at, STEPS))  # no gap after the resume
+    history = {s: float(r["train/loss"]) for s, r in (first | second).items()}
+    assert history == {s: float(v) for s, v in losses(logs / "causal_lm" / "whole").items()}
+    assert {int(r["trainer/global_step"]) for r in second.values()} == set(second)
 
 
 def test_resume_refuses_another_model_or_tokenizer(train_cfg, tmp_path):

@@ -31,19 +31,49 @@ def wandb_mode(mode: str) -> str:
         return "offline"
 
 
-def wandb_logger(mode: str = "auto", **kwargs):
+def wandb_logger(mode: str = "auto", flush_every_s: float = 1.0, **kwargs):
     """A Lightning ``WandbLogger`` in the resolved mode, or None when W&B is disabled.
 
-    Offline runs are written under ``save_dir/wandb/offline-run-*``; upload them with
-    ``wandb sync``. Credentials come from the environment or ``wandb login``, never the config.
+    Offline runs are written under ``save_dir/wandb/offline-run-*``, one folder per process of
+    a resumed run; ``wandb sync save_dir/wandb`` uploads them in start order into the one run.
+    W&B writes its run file every ``flush_every_s`` seconds (its default, 15 s, is what a
+    killed process loses). Credentials come from the environment or ``wandb login``, never the
+    config.
     """
     from lightning.pytorch.loggers import WandbLogger
 
     mode = wandb_mode(mode)
     if mode == "disabled":
         return None
+    from lightning.fabric.utilities.logger import _add_prefix
+    from lightning.pytorch.utilities import rank_zero_only
+
+    class Logger(WandbLogger):
+        """W&B's history step (``_step``) is the optimizer step: a step's metrics share one row,
+        and the parts of a resumed run line up in one history (rows a killed process logged after
+        its last checkpoint come again, with equal values, from the resumed one). Lightning's
+        logger lets W&B count its own ``_step``, which restarts at 0 in a resumed offline part."""
+
+        step = 0
+
+        def __init__(self, **kwargs) -> None:
+            super().__init__(**kwargs)
+            if self._wandb_init.get("anonymous") is None:  # wandb warns at the bare key
+                del self._wandb_init["anonymous"]
+
+        @rank_zero_only
+        def log_metrics(self, metrics, step=None) -> None:
+            if step is not None:
+                self.step = max(self.step, step)  # W&B drops rows of an earlier step
+            row = dict(_add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR))
+            row["trainer/global_step"] = self.step
+            self.experiment.log(row, step=self.step)
+
     run_id = wandb_run_id(kwargs["save_dir"]) if kwargs.get("save_dir") else None
-    return WandbLogger(offline=mode == "offline", id=run_id, resume="allow", **kwargs)
+    settings = {"x_transaction_log_flush_interval": flush_every_s} | dict(
+        kwargs.pop("settings", None) or {}
+    )
+    return Logger(offline=mode == "offline", id=run_id, resume="allow", settings=settings, **kwargs)
 
 
 def wandb_run_id(run_dir: str) -> str:
