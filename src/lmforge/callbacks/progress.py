@@ -2,7 +2,9 @@
 
 Lightning's ``RichProgressBar`` collects the progress-bar metrics after every training batch,
 whatever its ``refresh_rate``; that costs ~0.2 ms a step, 0.5% of a fast CPU step. This
-subclass collects them only on the steps it redraws. Everything else is Lightning's.
+subclass collects them only on the steps it redraws, and also shows the ``progress_bar_metrics``
+that callbacks hold (the throughput callback's tokens/s and MFU), which would otherwise go
+through ``self.log`` at ~1.5 ms a call. Everything else is Lightning's.
 """
 
 from __future__ import annotations
@@ -18,3 +20,9 @@ class ProgressBar(RichProgressBar):
         if (batch_idx + 1) % max(1, self.refresh_rate) == 0:
             self._update_metrics(trainer, pl_module)
             self.refresh()
+
+    def get_metrics(self, trainer, pl_module) -> dict:
+        items = super().get_metrics(trainer, pl_module)
+        for callback in trainer.callbacks:
+            items.update(getattr(callback, "progress_bar_metrics", None) or {})
+        return items

@@ -74,6 +74,7 @@ class Throughput(L.Callback):
         self.every, self.peak_override, self.warmup = log_every_n_steps, peak_tflops, warmup_steps
         self.peak: float | None = None
         self.flops_per_token = 0.0
+        self.progress_bar_metrics: dict[str, float] = {}  # shown by lmforge's ProgressBar
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -142,15 +143,13 @@ class Throughput(L.Callback):
         }
         if self.peak:
             metrics["perf/mfu"] = mfu(self.flops_per_token, self.tokens, seconds, self.peak)
-        # Straight to the loggers (as Lightning's LearningRateMonitor does): self.log costs ~1 ms a
-        # call on a CPU; only the progress bar's two figures go through it.
+        # Straight to the loggers (as Lightning's LearningRateMonitor does), and to the progress
+        # bar through progress_bar_metrics: self.log costs ~1.5 ms a call on a CPU.
         for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
-        for key in ("perf/tokens_per_s", "perf/mfu"):
-            if key in metrics:
-                pl_module.log(
-                    key, metrics[key], on_step=True, on_epoch=False, prog_bar=True, logger=False
-                )
+            logger.log_metrics(metrics, step=trainer.global_step - 1)  # the step just taken
+        self.progress_bar_metrics = {
+            k: metrics[k] for k in ("perf/tokens_per_s", "perf/mfu") if k in metrics
+        }
         self._reset()
         self.t0 = time.perf_counter()
         self.last_end = None
