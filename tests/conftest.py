@@ -100,5 +100,7 @@ def wandb_records(path: Path):
             yield record
 
 
-def wandb_key(item) -> str:
-    return item.key or "/".join(item.nested_key)  # "a/b" keys may come split
+def wandb_values(items) -> dict[str, str]:
+    """A config update's or history row's items as {key: JSON value} ("a/b" keys may come
+    split into nested_key)."""
+    return {item.key or "/".join(item.nested_key): item.value_json for item in items}

@@ -5,7 +5,7 @@ from pathlib import Path
 
 from lmforge.cli.train import train
 
-from .conftest import wandb_key, wandb_records
+from .conftest import wandb_records, wandb_values
 
 
 def test_offline_wandb_run_holds_config_counts_throughput_and_samples(train_cfg):
@@ -29,9 +29,9 @@ def test_offline_wandb_run_holds_config_counts_throughput_and_samples(train_cfg)
     for record in records:
         kind = record.WhichOneof("record_type")
         if kind == "config":
-            config |= {wandb_key(item): item.value_json for item in record.config.update}
+            config |= wandb_values(record.config.update)
         elif kind == "history":
-            row = {wandb_key(item): item.value_json for item in record.history.item}
+            row = wandb_values(record.history.item)
             history |= row.keys()
             steps.append((int(row["_step"]), int(row["trainer/global_step"])))
         elif kind == "run":
@@ -50,13 +50,13 @@ def test_offline_wandb_run_holds_config_counts_throughput_and_samples(train_cfg)
     assert {"perf/tokens_per_s", "perf/step_ms", "lr-AdamW/pg1"} <= history
     # one row per logged step (every 2nd), holding all of its metrics; W&B's _step is the step
     assert steps == [(s, s) for s in range(1, 12, 2)]
-    tables = sorted(
-        run_file.parent.glob("files/media/table/samples_*.table.json"),
-        key=lambda p: int(p.name.split("_")[1]),  # samples_<step>_<hash>
-    )
-    assert [int(p.name.split("_")[1]) for p in tables] == [5, 11]  # after steps 6 and 12
+    tables = {  # samples_<step>_<hash>.table.json
+        int(p.name.split("_")[1]): p
+        for p in run_file.parent.glob("files/media/table/samples_*.table.json")
+    }
+    assert sorted(tables) == [5, 11]  # after steps 6 and 12
     import json
 
-    table = json.loads(tables[-1].read_text())
+    table = json.loads(tables[11].read_text())
     assert table["columns"] == ["step", "sample", "text"] and len(table["data"]) == 2
     assert tags == ["test", "tiny"]

@@ -26,7 +26,7 @@ from lmforge.cli.train import train
 from lmforge.errors import LMForgeError
 from lmforge.tasks.causal_lm import CausalLMTask
 
-from .conftest import ROOT, SHAKESPEARE, wandb_key, wandb_records
+from .conftest import ROOT, SHAKESPEARE, wandb_records, wandb_values
 
 STEPS = 60
 
@@ -261,7 +261,7 @@ def test_preempted_run_continues_its_offline_wandb_run(gpt):
     for part in parts:
         records = list(wandb_records(part))
         assert {r.run.run_id for r in records if r.HasField("run")} == {run_id}
-        rows = [{wandb_key(i): i.value_json for i in r.history.item} for r in records]
+        rows = [wandb_values(r.history.item) for r in records]
         histories.append({int(r["_step"]): r for r in rows if "train/loss" in r})
     first, second = histories
     resumed_at = min(second)
