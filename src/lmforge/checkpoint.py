@@ -5,6 +5,7 @@ from __future__ import annotations
 import pickle
 import re
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,7 +13,8 @@ from tokenizers import Tokenizer
 
 from lmforge.errors import LMForgeError
 from lmforge.files import atomic_torch_save
-from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.registry import Family, family_for_hf
+from lmforge.models.registry import family as get_family
 
 
 def load_checkpoint(path: str | Path) -> dict:
@@ -195,75 +197,80 @@ def hf_tokenizer(path: Path) -> Tokenizer | None:
     return Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
 
 
-def load_gpt(path: str | Path) -> tuple[GPT, Tokenizer | None]:
-    """The GPT and tokenizer (None when there is none) of a causal-LM checkpoint of ours (a file
-    or a sharded directory), of a transformers GPT-2 directory, or of a hub name."""
-    path = local_path(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        from lmforge.interop.hf_gpt2 import load_hf_gpt2
+@dataclass
+class Loaded:
+    """A model read from a checkpoint of ours or a transformers directory."""
 
-        return load_hf_gpt2(path), hf_tokenizer(path)
-    ckpt = load_checkpoint(path)
-    try:
-        model_cfg = GPTConfig(**ckpt["hyper_parameters"]["model"])
-        state = {
-            k.removeprefix("model."): v
-            for k, v in ckpt["state_dict"].items()
-            if k.startswith("model.")
-        }
-    except (KeyError, TypeError) as e:
+    model: torch.nn.Module  # in eval mode, on the CPU, adapters merged
+    tokenizer: Tokenizer | None  # None when the source carries none
+    family: Family
+    ours: bool  # a checkpoint of lmforge-train (False: a transformers directory)
+
+
+def checkpoint_family(hparams: dict) -> str:
+    """The family a checkpoint of ours records. Checkpoints written before families were
+    recorded hold none: there a masked-LM task (it saved its ``masking``) meant a BERT, a
+    classifier its ``family``, anything else a GPT."""
+    if "family" in hparams:
+        return hparams["family"]
+    return "bert" if "masking" in hparams else "gpt"
+
+
+def load_model(source: str | Path, causal: bool | None = None, what: str = "") -> Loaded:
+    """The language model of a checkpoint of ours (a file or a sharded directory), of a
+    transformers directory, or of a hub name, with its tokenizer and family. ``causal``:
+    refuse a model that is not (True) or is (False) a causal LM, ``what`` naming the use."""
+    path = local_path(source)
+    if path.is_dir() and (path / "config.json").is_file():
+        import json
+
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        try:
+            fam = family_for_hf(model_type)
+        except ValueError as e:
+            raise LMForgeError(f"{source}: {e}") from None
+        loaded = Loaded(fam.import_hf(path), hf_tokenizer(path), fam, ours=False)
+    else:
+        loaded = _load_ours(path)
+    if causal is not None and loaded.family.causal != causal:
+        kind = "a causal LM (GPT)" if causal else "a masked LM (BERT)"
         raise LMForgeError(
-            f"checkpoint {path} is not a GPT checkpoint of lmforge (missing {e})"
-        ) from None
-    if "labels" in ckpt["hyper_parameters"]:
+            f"{source} holds a {loaded.family.name.upper()}: {what or 'this'} needs {kind}"
+        )
+    return loaded
+
+
+def _load_ours(path: Path) -> Loaded:
+    ckpt = load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters", {})
+    if "model" not in hparams or "state_dict" not in ckpt:
+        raise LMForgeError(f"{path} is not a checkpoint of lmforge-train (no model config)")
+    if "labels" in hparams:
         raise LMForgeError(f"checkpoint {path} is a classifier, not a language model")
-    model = GPT(model_cfg)
-    lora = ckpt["hyper_parameters"].get("lora") or {}
-    if lora.get("rank"):  # adapters of instruction tuning: folded into the weights
+    try:
+        fam = get_family(checkpoint_family(hparams))
+        model = fam.build(fam.config(**hparams["model"]))
+    except (TypeError, ValueError) as e:
+        raise LMForgeError(
+            f"checkpoint {path} holds a model config lmforge cannot build ({e})"
+        ) from None
+    state = {
+        k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")
+    }
+    lora = (hparams.get("task") or hparams).get("lora") or {}
+    if lora.get("rank"):  # adapters of a fine-tune: folded into the weights
         from lmforge.models.lora import add_lora, merge_lora
 
         add_lora(model, lora["targets"], lora["rank"], lora["alpha"])
         model.load_state_dict(state)
         merge_lora(model).requires_grad_(True)
     else:
-        model.load_state_dict(state)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as e:
+            raise LMForgeError(
+                f"checkpoint {path}: its weights do not fit its {fam.name.upper()} config"
+                f" ({str(e).splitlines()[0][:120]})"
+            ) from None
     tokenizer = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
-    return model.eval(), tokenizer
-
-
-def load_bert(path: str | Path):
-    """The Bert and tokenizer (None when there is none) of a masked-LM checkpoint of ours or of
-    a transformers BERT directory, in eval mode on the CPU."""
-    from lmforge.models.bert import Bert, BertConfig
-
-    path = local_path(path)
-    if path.is_dir() and (path / "config.json").is_file():
-        from lmforge.interop.hf_bert import load_hf_bert
-
-        return load_hf_bert(path), hf_tokenizer(path)
-    ckpt = load_checkpoint(path)
-    try:
-        model = Bert(BertConfig(**ckpt["hyper_parameters"]["model"]))
-        state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items()}
-    except (KeyError, TypeError) as e:
-        raise LMForgeError(
-            f"checkpoint {path} is not a BERT checkpoint of lmforge (missing {e})"
-        ) from None
-    model.load_state_dict(state)
-    tokenizer = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
-    return model.eval(), tokenizer
-
-
-def load_pretrained(source: str | Path):
-    """(model, tokenizer, family) of a pretraining checkpoint of ours or a transformers GPT-2 /
-    BERT directory; family is "gpt" or "bert"."""
-    path = local_path(source)
-    if path.is_dir() and (path / "config.json").is_file():
-        import json
-
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        family = "bert" if model_type == "bert" else "gpt"
-    else:
-        family = "bert" if "masking" in load_checkpoint(path).get("hyper_parameters", {}) else "gpt"
-    model, tokenizer = (load_bert if family == "bert" else load_gpt)(path)
-    return model, tokenizer, family
+    return Loaded(model.eval(), tokenizer, fam, ours=True)

@@ -9,17 +9,38 @@ from pathlib import Path
 from lmforge.errors import LMForgeError
 
 
-def initial_model(source: str, asked, tok_vocab: int, dm, masked: bool):
-    """The model to start from: a checkpoint of ours or a transformers directory (GPT-2 for a
-    causal LM, BERT for a masked LM). Its architecture replaces the ``model`` config, except
-    ``dropout``, which fine-tuning sets afresh."""
+def pretraining_model(run, tok_vocab: int):
+    """The model config of a pretraining run: the vocabulary is the tokenizer's unless
+    ``model.vocab_size`` asks for more."""
+    from dataclasses import replace
+
+    asked = run.cfg.model.get("vocab_size")
+    if asked is not None and asked < tok_vocab:
+        raise LMForgeError(
+            f"model.vocab_size={asked} is smaller than the tokenizer's {tok_vocab}:"
+            " remove model.vocab_size to take the tokenizer's size"
+        )
+    return replace(run.model, vocab_size=asked or tok_vocab)
+
+
+def initial_model(run, asked, dm, ckpt_path: str | None):
+    """The model a pretraining run starts from (``init_from``: a checkpoint of ours or a
+    transformers directory of the same family), or None. Its architecture replaces the
+    ``model`` config, which is warned about field by field, except ``dropout``, which is the
+    run's. A resumed run has weights of its own: None."""
     from dataclasses import fields, replace
 
     from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-    from lmforge.checkpoint import load_bert, load_gpt
+    from lmforge.checkpoint import load_model
+    from lmforge.models.registry import family_of
 
-    model, tokenizer = (load_bert if masked else load_gpt)(source)
+    source = run.cfg.get("init_from")
+    if not source or ckpt_path is not None:
+        return None
+    fam = family_of(asked)
+    loaded = load_model(source, causal=fam.causal, what=f"task={run.task.name}")
+    model = loaded.model
     model.config = replace(model.config, dropout=asked.dropout)
     differ = [
         f"{f.name}={getattr(asked, f.name)!r} (init_from: {getattr(model.config, f.name)!r})"
@@ -30,15 +51,16 @@ def initial_model(source: str, asked, tok_vocab: int, dm, masked: bool):
     ]
     if differ:
         rank_zero_warn("init_from sets the architecture; ignored: " + ", ".join(differ))
+    tok_vocab = dm.meta["vocab_size"]
     if model.config.vocab_size < tok_vocab:
         raise LMForgeError(
             f"init_from={source} has a vocabulary of {model.config.vocab_size}, the data's tokenizer"
             f" {tok_vocab}: prepare the data with the model's tokenizer"
         )
     if (
-        tokenizer is not None
-        and source_is_ours(source)
-        and tokenizer.to_str() != dm.tokenizer.to_str()
+        loaded.tokenizer is not None
+        and loaded.ours
+        and loaded.tokenizer.to_str() != dm.tokenizer.to_str()
     ):
         raise LMForgeError(
             f"init_from={source} was trained with another tokenizer than {dm.config.dir}'s:"
@@ -48,8 +70,34 @@ def initial_model(source: str, asked, tok_vocab: int, dm, masked: bool):
     return model
 
 
-def source_is_ours(source: str) -> bool:
-    return not (Path(source) / "config.json").is_file()
+def pretrained_model(run, max_len: int, causal: bool | None = None):
+    """(loaded, model config) of a fine-tune: the model of ``init_from`` with its tokenizer, and
+    its architecture with the run's ``model.dropout`` when set (``model=pretrained``)."""
+    from dataclasses import replace
+
+    from lightning.pytorch.utilities import rank_zero_info
+
+    from lmforge.checkpoint import load_model
+
+    source = run.cfg.get("init_from")
+    if not source:
+        raise LMForgeError(
+            f"task={run.task.name} fine-tunes a pretrained model: set init_from=<checkpoint of"
+            " lmforge-train, or a transformers directory>"
+        )
+    loaded = load_model(source, causal=causal, what=f"task={run.task.name}")
+    if loaded.tokenizer is None:
+        raise LMForgeError(f"init_from={source} carries no tokenizer (tokenizer.json)")
+    config = loaded.model.config
+    if run.model.dropout is not None:
+        config = replace(config, dropout=run.model.dropout)
+    if max_len > config.block_size:
+        raise LMForgeError(
+            f"data.max_len={max_len} exceeds the model's block_size={config.block_size}:"
+            " lower data.max_len"
+        )
+    rank_zero_info(f"{loaded.family.name.upper()} from {source}: the architecture of init_from")
+    return loaded, config
 
 
 def resume_from(resume: str | None, ckpt_dir: Path) -> tuple[str | None, int | None]:
@@ -104,27 +152,28 @@ def refuse_multirun_with_ranks(world_size: int) -> None:
         )
 
 
-def global_batch(trainer, data) -> dict[str, int]:
-    """Derive the accumulation from data.global_batch_tokens when set; report the global batch."""
-    seq_len = getattr(data, "seq_len", None) or data.max_len  # classification: at most max_len
-    per_step = data.batch_size * seq_len * trainer.world_size  # tokens per micro-batch step
-    if getattr(data, "global_batch_tokens", None) is not None:
-        accumulate, rest = divmod(data.global_batch_tokens, per_step)
+def global_batch(trainer, recipe) -> dict[str, int]:
+    """Derive the accumulation from the recipe's ``global_batch_tokens`` when set (token data:
+    ``data.global_batch_tokens``); report the global batch."""
+    from lightning.pytorch.utilities import rank_zero_info
+
+    seq_len = recipe.seq_len  # padded examples: at most this
+    per_step = recipe.batch_size * seq_len * trainer.world_size  # tokens per micro-batch step
+    if recipe.global_batch_tokens is not None:
+        accumulate, rest = divmod(recipe.global_batch_tokens, per_step)
         if accumulate < 1 or rest:
             raise LMForgeError(
-                f"data.global_batch_tokens={data.global_batch_tokens} is not a multiple of"
-                f" data.batch_size x data.seq_len x devices = {data.batch_size} x {seq_len} x"
+                f"data.global_batch_tokens={recipe.global_batch_tokens} is not a multiple of"
+                f" data.batch_size x data.seq_len x devices = {recipe.batch_size} x {seq_len} x"
                 f" {trainer.world_size} = {per_step}: use a multiple such as"
-                f" {max(1, round(data.global_batch_tokens / per_step)) * per_step}"
+                f" {max(1, round(recipe.global_batch_tokens / per_step)) * per_step}"
             )
         trainer.accumulate_grad_batches = accumulate
     accumulate = trainer.accumulate_grad_batches
-    sequences = data.batch_size * accumulate * trainer.world_size
-    from lightning.pytorch.utilities import rank_zero_info
-
+    sequences = recipe.batch_size * accumulate * trainer.world_size
     rank_zero_info(
         f"global batch: {sequences} sequences x {seq_len} tokens = {sequences * seq_len:,}"
-        f" tokens per optimizer step (batch {data.batch_size} x accumulate {accumulate} x"
+        f" tokens per optimizer step (batch {recipe.batch_size} x accumulate {accumulate} x"
         f" {trainer.world_size} devices)"
     )
     return {

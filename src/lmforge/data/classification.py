@@ -113,19 +113,20 @@ def encode(
     examples: list[tuple[str, str]],
     labels: list[str],
     tokenizer,
-    family: str,
+    frame,
     cfg: ClassificationDataConfig,
     where: str,
 ) -> tuple[Encoded, Counter]:
-    """Tokenize for a GPT (text, then <|endoftext|>: the last token reads the whole text) or a
-    BERT ([CLS] text [SEP]); returns the split and counts of what was truncated or skipped."""
+    """Tokenize each text framed as the model's family frames it (``frame``, a
+    ``models.registry.TextFrame``: a GPT's text then <|endoftext|>, whose last token reads the
+    whole text; a BERT's [CLS] text [SEP]); returns the split and counts of what was truncated
+    or skipped."""
     index = {label: i for i, label in enumerate(labels)}
     counts: Counter = Counter()
-    if family == "bert":
-        first, last = [tokenizer.token_to_id("[CLS]")], [tokenizer.token_to_id("[SEP]")]
-    else:
-        eot = tokenizer.token_to_id("<|endoftext|>")
-        first, last = [], [eot] if eot is not None else []
+    first, last = (
+        [i for i in (tokenizer.token_to_id(t) for t in tokens) if i is not None]
+        for tokens in (frame.prefix, frame.suffix)
+    )
     budget = cfg.max_len - len(first) - len(last)
     texts = [t for t, _ in examples]
     encodings = tokenizer.encode_batch(texts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -22,6 +23,7 @@ from lmforge.data.datasets import (
     RandomWindows,
     RankShard,
     SequentialWindows,
+    blank,
     document_starts,
     open_split,
 )
@@ -131,8 +133,107 @@ class TokenDataModule(L.LightningDataModule):
         )
 
 
-class ClassificationDataModule(L.LightningDataModule):
-    """Labelled examples for classification fine-tuning, tokenized with the model's tokenizer.
+class GlobalBatches(torch.utils.data.Sampler):
+    """Training batches of a set of examples under data parallelism: one order of the examples
+    for every rank, cut into global batches of ``batch_size`` x ``world_size``, of which rank r
+    takes rows r*B ... (r+1)*B. A rank left without a row in the last, short global batch gets
+    one blank (index -1: its targets ignored), so every rank runs as many steps. Two ranks of
+    batch B thus train on exactly the examples one process of batch 2B does, step by step.
+
+    The order is the one ``DataLoader(shuffle=True, generator=generator)`` gives on one process
+    (the loader is handed the same generator and draws its workers' base seed from it first;
+    torch's RandomSampler then draws a permutation and a second, unused one each pass), or, with
+    ``weights``, sampling with replacement as ``WeightedRandomSampler`` with its own generator.
+    """
+
+    def __init__(
+        self,
+        n: int,
+        batch_size: int,
+        generator: torch.Generator,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: torch.Tensor | None = None,
+        seed: int = 0,
+    ) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.rank, self.world_size, self.weights = rank, world_size, weights
+        self.weights_generator = torch.Generator().manual_seed(seed)
+
+    def __len__(self) -> int:
+        return -(-self.n // (self.batch_size * self.world_size))
+
+    def __iter__(self):
+        if self.weights is not None:
+            order = torch.multinomial(self.weights, self.n, True, generator=self.weights_generator)
+        else:
+            order = torch.randperm(self.n, generator=self.generator)
+            torch.randperm(self.n, generator=self.generator)  # RandomSampler's unused second draw
+        per, b = self.batch_size * self.world_size, self.batch_size
+        for start in range(0, self.n, per):
+            rows = order[start : start + per][self.rank * b : (self.rank + 1) * b].tolist()
+            yield rows or [-1]
+
+
+class WithBlanks(torch.utils.data.Dataset):
+    """``dataset`` whose index -1 is a blank example: the first one with every target ignored."""
+
+    def __init__(self, dataset) -> None:
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int):
+        if i >= 0:
+            return self.dataset[i]
+        sample = self.dataset[0]
+        if isinstance(sample, dict):  # a packed row
+            return blank(sample)
+        ids, target = sample
+        return ids, (-100 if isinstance(target, int) else [-100] * len(target))
+
+
+class ExamplesDataModule(L.LightningDataModule):
+    """What the data modules of tokenized examples (classification, instructions) share: each
+    rank's batches of one global order (``GlobalBatches``), and each example of the validation
+    and test splits on exactly one rank (``RankShard``, blanks where a rank runs short)."""
+
+    config: Any
+    sets: dict
+
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def _train_loader(self, data, collate_fn, weights: torch.Tensor | None = None) -> DataLoader:
+        rank, world = self._rank()
+        generator = torch.Generator().manual_seed(self.seed)
+        batches = GlobalBatches(
+            len(data), self.config.batch_size, generator, rank, world, weights, self.seed
+        )
+        return DataLoader(
+            WithBlanks(data),
+            batch_sampler=batches,
+            generator=generator,
+            collate_fn=collate_fn,
+            num_workers=self.config.num_workers,
+        )
+
+    def _eval_loader(self, data, collate_fn) -> DataLoader:
+        rank, world = self._rank()
+        if world > 1:
+            data = RankShard(WithBlanks(data), rank, world, blank_index=-1)
+        return DataLoader(
+            data,
+            batch_size=self.config.val_batch_size or self.config.batch_size,
+            collate_fn=collate_fn,
+            num_workers=self.config.num_workers,
+        )
+
+
+class ClassificationDataModule(ExamplesDataModule):
+    """Labelled examples for classification fine-tuning, tokenized with the model's tokenizer
+    and framed as its family frames a text (``TextFrame``).
 
     ``labels``: the label set (discovered from the training file when not given, e.g. when a
     checkpoint brings its own).
@@ -142,22 +243,21 @@ class ClassificationDataModule(L.LightningDataModule):
         self,
         config,
         tokenizer,
-        family: str,
+        frame,
         seed: int = 1337,
         labels: list[str] | None = None,
     ) -> None:
         super().__init__()
         from lmforge.data.classification import read_examples
 
-        self.config, self.tokenizer, self.family, self.seed = config, tokenizer, family, seed
+        self.config, self.tokenizer, self.frame, self.seed = config, tokenizer, frame, seed
         self.examples = {"train": read_examples(config.train, config)}
         self.labels = labels or sorted({label for _, label in self.examples["train"]})
         if len(self.labels) < 2:
             raise LMForgeError(
                 f"{config.train} has a single label ({self.labels[0]!r}): nothing to classify"
             )
-        pad = "[PAD]" if family == "bert" else "<|endoftext|>"
-        self.pad_id = tokenizer.token_to_id(pad) or 0
+        self.pad_id = tokenizer.token_to_id(frame.pad) or 0
         self.sets: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -170,7 +270,7 @@ class ClassificationDataModule(L.LightningDataModule):
         for split, path in files.items():
             examples = self.examples.get(split) or read_examples(path, c)
             self.sets[split], counts = encode(
-                examples, self.labels, self.tokenizer, self.family, c, f"{path}"
+                examples, self.labels, self.tokenizer, self.frame, c, f"{path}"
             )
             if counts:
                 done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
@@ -184,38 +284,26 @@ class ClassificationDataModule(L.LightningDataModule):
         counts = self.class_counts.float().clamp(min=1)
         return counts.sum() / (len(counts) * counts)
 
-    def _loader(self, split: str, train: bool) -> DataLoader:
-        c = self.config
-        data = self.sets[split]
-        sampler = None
-        if train and c.balance == "sampling":
-            weights = self.class_weights()[torch.tensor(data.labels)]
-            sampler = torch.utils.data.WeightedRandomSampler(
-                weights, len(data), generator=torch.Generator().manual_seed(self.seed)
-            )
-        return DataLoader(
-            data,
-            batch_size=c.batch_size if train else (c.val_batch_size or c.batch_size),
-            shuffle=train and sampler is None,
-            sampler=sampler,
-            generator=torch.Generator().manual_seed(self.seed) if train else None,
-            collate_fn=functools.partial(collate, pad_id=self.pad_id),
-            num_workers=c.num_workers,
-        )
+    def _collate(self):
+        return functools.partial(collate, pad_id=self.pad_id)
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", True)
+        data = self.sets["train"]
+        weights = None
+        if self.config.balance == "sampling":
+            weights = self.class_weights()[torch.tensor(data.labels)]
+        return self._train_loader(data, self._collate(), weights)
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", False)
+        return self._eval_loader(self.sets["val"], self._collate())
 
     def test_dataloader(self) -> DataLoader:
         if "test" not in self.sets:
             raise LMForgeError("no test split: set data.test")
-        return self._loader("test", False)
+        return self._eval_loader(self.sets["test"], self._collate())
 
 
-class InstructionDataModule(L.LightningDataModule):
+class InstructionDataModule(ExamplesDataModule):
     """Instruction records tokenized with the model's tokenizer: padded (or packed) batches of
     ``input_ids``, ``labels`` (-100 on prompts and padding) and, packed, ``segments``."""
 
@@ -246,28 +334,14 @@ class InstructionDataModule(L.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         from lmforge.data.instructions import pad_batch
 
-        c = self.config
         collate_fn = (
             torch.utils.data.default_collate
-            if c.pack
+            if self.config.pack
             else functools.partial(pad_batch, pad_id=self.pad_id)
         )
-        return DataLoader(
-            self.sets["train"],
-            batch_size=c.batch_size,
-            shuffle=True,
-            generator=torch.Generator().manual_seed(self.seed),
-            collate_fn=collate_fn,
-            num_workers=c.num_workers,
-        )
+        return self._train_loader(self.sets["train"], collate_fn)
 
     def val_dataloader(self) -> DataLoader:
         from lmforge.data.instructions import pad_batch
 
-        c = self.config
-        return DataLoader(
-            self.sets["val"],
-            batch_size=c.val_batch_size or c.batch_size,
-            collate_fn=functools.partial(pad_batch, pad_id=self.pad_id),
-            num_workers=c.num_workers,
-        )
+        return self._eval_loader(self.sets["val"], functools.partial(pad_batch, pad_id=self.pad_id))

@@ -180,8 +180,11 @@ class RankShard(Dataset):
     DistributedSampler would instead repeat real items, counting them twice.
     """
 
-    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
+    def __init__(
+        self, dataset: Dataset, rank: int, world_size: int, blank_index: int | None = None
+    ) -> None:
         self.dataset, self.rank, self.world_size = dataset, rank, world_size
+        self.blank_index = blank_index  # the dataset's own blank item, if it has one
         self.n = len(dataset)
 
     def __len__(self) -> int:
@@ -191,6 +194,8 @@ class RankShard(Dataset):
         j = self.rank + i * self.world_size
         if j < self.n:
             return self.dataset[j]
+        if self.blank_index is not None:
+            return self.dataset[self.blank_index]
         return blank(self.dataset[0])
 
 

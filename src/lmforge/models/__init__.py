@@ -2,5 +2,16 @@
 
 from lmforge.models.bert import Bert, BertConfig
 from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.registry import FAMILIES, Family, family, family_for_hf, family_of
 
-__all__ = ["GPT", "GPTConfig", "Bert", "BertConfig"]
+__all__ = [
+    "GPT",
+    "GPTConfig",
+    "Bert",
+    "BertConfig",
+    "FAMILIES",
+    "Family",
+    "family",
+    "family_for_hf",
+    "family_of",
+]

@@ -8,14 +8,13 @@ classification.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.models.layers import MLP, Attention
+from lmforge.models.layers import MLP, Attention, check_config, init_weights
 
 
 @dataclass
@@ -40,26 +39,18 @@ class BertConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in (
-            "vocab_size",
-            "block_size",
-            "n_layer",
-            "n_head",
-            "n_embd",
-            "mlp_ratio",
-            "type_vocab_size",
-        ):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"BertConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"BertConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"BertConfig.dropout must be in [0, 1), got {self.dropout}")
-        m = self.pad_vocab_multiple
-        self.padded_vocab_size = (self.vocab_size + m - 1) // m * m
-        self.head_dim = self.n_embd // self.n_head
+        check_config(
+            self,
+            (
+                "vocab_size",
+                "block_size",
+                "n_layer",
+                "n_head",
+                "n_embd",
+                "mlp_ratio",
+                "type_vocab_size",
+            ),
+        )
 
 
 class EncoderBlock(nn.Module):
@@ -118,20 +109,9 @@ class Bert(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """BERT's initialisation (normal, std 0.02), residual projections scaled by 1/sqrt(2 * n_layer)."""
-        std = 0.02
-        for module in self.modules():
-            if isinstance(module, nn.Linear | nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if getattr(module, "bias", None) is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
+        """BERT's initialisation (``layers.init_weights``); the MLM head's bias starts at zero."""
+        init_weights(self, self.config.n_layer)
         nn.init.zeros_(self.mlm_head.bias)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
 
     def num_params(self) -> int:
         """Parameter count, tied weights counted once."""
@@ -157,6 +137,15 @@ class Bert(nn.Module):
         attention_mask: torch.Tensor | None = None,
         token_type_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
+        """MLM logits (B, T, vocab_size) of every position."""
+        return self.lm_logits(self.hidden(input_ids, attention_mask, token_type_ids))
+
+    def hidden(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Hidden states (B, T, n_embd). ``attention_mask`` (B, T): 1 for real tokens, 0 for padding."""
         B, T = input_ids.shape
         if T > self.config.block_size:
@@ -176,7 +165,7 @@ class Bert(nn.Module):
                 x = block(x, mask)
         return self.ln_f(x)
 
-    def mlm_logits(
+    def lm_logits(
         self, hidden: torch.Tensor, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Vocabulary logits; with a boolean ``positions`` (B, T) only there: (N, vocab_size)."""
@@ -184,6 +173,21 @@ class Bert(nn.Module):
             hidden = hidden[positions]  # (N, n_embd)
         return self.mlm_head(hidden)
 
-    def pooled(self, hidden: torch.Tensor) -> torch.Tensor:
+    def sequence_features(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The [CLS] representation through the pooler (dense + tanh), for classification."""
         return torch.tanh(self.pooler(hidden[:, 0]))
+
+    def top_modules(self) -> list[nn.Module]:
+        """The modules between the last block and ``sequence_features``."""
+        return [self.ln_f, self.pooler]
+
+    def pooling_modules(self) -> list[nn.Module]:
+        """The modules of ``sequence_features`` that masked-LM pretraining leaves untrained:
+        the pooler, which fine-tunes train even when adapters freeze everything else."""
+        return [self.pooler]
+
+    def remove_lm_head(self) -> None:
+        """Drop the MLM head of pretraining (the decoder's weights are the embedding's)."""
+        del self.mlm_head

@@ -5,7 +5,6 @@ GPT-2 layout (learned positions, GELU-tanh MLP, tied embeddings); rotary positio
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -14,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from lmforge.models.layers import MLP, Attention, KVCache, rotary_tables
+from lmforge.models.layers import MLP, Attention, KVCache, check_config, init_weights, rotary_tables
 
 
 @dataclass
@@ -39,22 +38,11 @@ class GPTConfig:
     head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"):
-            if getattr(self, name) <= 0:
-                raise ValueError(f"GPTConfig.{name} must be positive, got {getattr(self, name)}")
-        if self.n_embd % self.n_head:
-            raise ValueError(
-                f"GPTConfig: n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})"
-            )
+        check_config(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"))
         if self.pos_emb not in ("learned", "rotary"):
             raise ValueError(
                 f"GPTConfig.pos_emb must be 'learned' or 'rotary', got {self.pos_emb!r}"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout}")
-        m = self.pad_vocab_multiple
-        self.padded_vocab_size = (self.vocab_size + m - 1) // m * m
-        self.head_dim = self.n_embd // self.n_head
 
 
 class Block(nn.Module):
@@ -113,22 +101,8 @@ class GPT(nn.Module):
             self.lm_head.weight = self.tok_emb.weight  # the one place weights are tied
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation; residual projections scaled by 1/sqrt(2 * n_layer)."""
-        std = 0.02
-        for module in self.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-            elif isinstance(module, nn.Embedding):
-                nn.init.normal_(module.weight, mean=0.0, std=std)
-            elif isinstance(module, nn.LayerNorm):
-                nn.init.ones_(module.weight)
-                if module.bias is not None:
-                    nn.init.zeros_(module.bias)
-        for block in self.blocks:
-            for proj in (block.attn.proj, block.mlp.proj):
-                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * self.config.n_layer))
+        """GPT-2 initialisation (``layers.init_weights``)."""
+        init_weights(self, self.config.n_layer)
 
     def num_params(self, exclude_position_embeddings: bool = False) -> int:
         """Parameter count, tied weights counted once."""
@@ -155,18 +129,53 @@ class GPT(nn.Module):
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits (B, T, vocab_size) for token ids ``idx`` (B, T); padded vocabulary rows dropped.
-        ``segments``: see ``features``."""
-        logits = self.lm_head(self.features(idx, cache, segments))  # (B, T, padded_vocab_size)
-        return logits[..., : self.config.vocab_size]
+        ``segments``: see ``hidden``."""
+        return self.lm_logits(self.hidden(idx, cache=cache, segments=segments))
 
-    def features(
+    def lm_logits(
+        self, hidden: torch.Tensor, positions: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Next-token logits of hidden states (B, T, n_embd); with a boolean ``positions`` (B, T)
+        only there: (N, vocab_size)."""
+        if positions is not None:
+            hidden = hidden[positions]
+        return self.lm_head(hidden)[..., : self.config.vocab_size]  # padded rows dropped
+
+    def sequence_features(
+        self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """One vector per sequence (B, n_embd): the hidden state of the last real token, which
+        has read the whole (right-padded) sequence."""
+        if attention_mask is None:
+            return hidden[:, -1]
+        last = attention_mask.sum(1) - 1
+        return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+    def top_modules(self) -> list[nn.Module]:
+        """The modules between the last block and ``sequence_features`` (trained with the last
+        blocks when only those are fine-tuned)."""
+        return [self.ln_f]
+
+    def pooling_modules(self) -> list[nn.Module]:
+        """The modules of ``sequence_features`` that language-model pretraining leaves
+        untrained (none: a GPT reads its last token as it is)."""
+        return []
+
+    def remove_lm_head(self) -> None:
+        """Drop the language-model head (tied to the embedding: the weights stay)."""
+        del self.lm_head
+
+    def hidden(
         self,
         idx: torch.Tensor,
-        cache: KVCache | None = None,
+        attention_mask: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
+        cache: KVCache | None = None,
     ) -> torch.Tensor:
         """The final hidden states (B, T, n_embd), after the last LayerNorm.
 
+        ``attention_mask`` (B, T) marks real tokens; a causal model needs it only for
+        right-padded batches, whose padding no real token attends to, so it is not applied.
         ``segments`` (B, T): for sequences packed with several examples, the example each token
         belongs to. A token then attends only to earlier tokens of its own example, and
         positions restart at 0 with each example, as if every example ran alone.

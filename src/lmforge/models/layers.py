@@ -1,6 +1,9 @@
-"""Building blocks shared by every model family: the one attention module, the MLP, rotary."""
+"""Building blocks shared by every model family: the one attention module, the MLP, rotary,
+the shape checks of a config and the initialisation."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -125,3 +128,39 @@ class MLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+def check_config(config, positive: tuple[str, ...]) -> None:
+    """The checks every model config shares; sets the derived ``padded_vocab_size`` and
+    ``head_dim``. Raises ValueError naming the config class and the field."""
+    name = type(config).__name__
+    for field in positive:
+        if getattr(config, field) <= 0:
+            raise ValueError(f"{name}.{field} must be positive, got {getattr(config, field)}")
+    if config.n_embd % config.n_head:
+        raise ValueError(
+            f"{name}: n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})"
+        )
+    if not 0.0 <= config.dropout < 1.0:
+        raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
+    m = config.pad_vocab_multiple
+    config.padded_vocab_size = (config.vocab_size + m - 1) // m * m
+    config.head_dim = config.n_embd // config.n_head
+
+
+def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+    """GPT-2 / BERT initialisation: linear and embedding weights normal(0, std), biases zero,
+    norms one; the residual projections of each block (``attn.proj``, ``mlp.proj``) scaled by
+    1/sqrt(2 * n_layer)."""
+    for module in model.modules():
+        if isinstance(module, nn.Linear | nn.Embedding):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+    for block in model.blocks:
+        for proj in (block.attn.proj, block.mlp.proj):
+            nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))

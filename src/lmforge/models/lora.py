@@ -16,9 +16,33 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
+
+
+@dataclass
+class LoRAConfig:
+    """Low-rank adapters of a fine-tune (``task.lora``)."""
+
+    rank: int = 0  # 0: no adapters, fine-tune the weights themselves
+    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=lambda: ["qkv", "attn.proj", "mlp.fc", "mlp.proj"])
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"task.lora.rank must be >= 0, got {self.rank}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"task.lora.dropout must be in [0, 1), got {self.dropout}")
+
+    def apply(self, model: nn.Module) -> int:
+        """Wrap ``model``'s target layers in adapters (nothing when ``rank`` is 0); returns how
+        many were wrapped."""
+        if self.rank == 0:
+            return 0
+        return add_lora(model, self.targets, self.rank, self.alpha, self.dropout)
 
 
 class LoRALinear(nn.Module):

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, fields
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import lightning as L
 import numpy as np
@@ -10,9 +11,14 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.distributed.tensor.experimental import implicit_replication
+from torchmetrics.aggregation import MeanMetric
 
+from lmforge.config import build
 from lmforge.errors import LMForgeError
-from lmforge.tasks.optim import OptimConfig, lr_at
+from lmforge.models.registry import family as get_family
+from lmforge.models.registry import family_of
+from lmforge.tasks.config import TaskConfig
+from lmforge.tasks.optim import lr_at
 
 
 class NonFiniteError(LMForgeError):
@@ -43,48 +49,121 @@ def token_loss(
     return loss_sum, (targets != ignore_index).sum()
 
 
-class LMTask(L.LightningModule):
-    """Base LightningModule: subclasses set ``self.model`` and ``self.optim``.
+@dataclass
+class Recipe:
+    """What a task's ``recipe`` hands the runner: the module and data module of the run, the
+    model config actually trained (recorded in the run's config), and how the run goes."""
 
-    Training losses are normalised by the real target tokens of the whole optimizer step, over
-    every micro-batch and every rank. ``training_step`` returns ``loss_sum / scale`` through
-    ``step_loss`` (``scale``: the positions of one micro-batch, a constant); Lightning divides
-    by the accumulation count A and DDP averages over the world size W, so the accumulated
-    gradient is sum(grad loss_sum) / (scale * A * W). ``on_before_optimizer_step`` works out
-    the factor scale * A * W / N, N the step's real tokens on all ranks, and
-    ``configure_gradient_clipping`` applies it together with norm clipping in one pass over
-    the gradients (the pass ``clip_grad_norm_`` makes anyway): the result is the clipped
-    gradient of the token-weighted mean loss, at the cost of plain clipping.
+    module: LMTask
+    datamodule: L.LightningDataModule
+    model_config: Any
+    batch_size: int  # sequences per device per micro-batch
+    seq_len: int  # positions per sequence (at most, for padded batches)
+    global_batch_tokens: int | None = None  # derive the accumulation from this target
+    validate_first: bool = False  # validate before training (step 0)
+    test: bool = False  # evaluate the test split after training
+    trainer_args: dict = field(default_factory=dict)  # e.g. inference_mode=False
+
+
+class StepTokens:
+    """Normalises the loss of an optimizer step by the real target tokens of the whole step.
+
+    Each micro-batch back-propagates ``loss_sum / scale`` (``scale``: a constant of the run,
+    e.g. the positions of one micro-batch); Lightning divides by the accumulation count A and
+    DDP averages over the world size W, so the accumulated gradient is
+    sum(grad loss_sum) / (scale * A * W). Once the step's micro-batches are in, ``close``
+    sums the step's loss and token count N over the ranks and returns the step's mean loss and
+    ``factor`` = scale * A * W / N, by which the gradients are multiplied: the result is the
+    gradient of the token-weighted mean loss of the step, whatever the padding or masking of
+    each micro-batch (a mean of per-batch means is not).
+    """
+
+    def __init__(self) -> None:
+        self.loss_sum: torch.Tensor | None = None
+        self.tokens: torch.Tensor | None = None
+        self.scale = 1.0
+
+    def add(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor, scale: float) -> torch.Tensor:
+        """Record a micro-batch; returns the loss to back-propagate for it."""
+        if self.loss_sum is None:
+            self.loss_sum, self.tokens = loss_sum.detach(), n_tokens
+        else:
+            self.loss_sum = self.loss_sum + loss_sum.detach()
+            self.tokens = self.tokens + n_tokens
+        self.scale = scale
+        return loss_sum / scale
+
+    def close(self, trainer) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(mean loss, gradient factor) of the step just accumulated, over all ranks; None when
+        nothing was recorded."""
+        if self.tokens is None:
+            return None
+        loss_sum, n = self.loss_sum, self.tokens
+        self.loss_sum = self.tokens = None
+        if trainer.world_size > 1:
+            totals = trainer.strategy.reduce(
+                torch.stack([loss_sum, n.to(loss_sum.dtype)]), reduce_op="sum"
+            )
+            loss_sum, n = totals[0], totals[1]
+        n = n.clamp(min=1)
+        factor = self.scale * trainer.accumulate_grad_batches * trainer.world_size / n
+        return loss_sum / n, factor
+
+
+class LMTask(L.LightningModule):
+    """Base LightningModule of every task: the optimizer groups and schedule, the token
+    normalisation of each step (``StepTokens``), applied together with gradient clipping in one
+    pass over the gradients, the non-finite policy, per-step dropout seeds, validation
+    loss/perplexity, and the checks made when a checkpoint is loaded.
+
+    Subclasses build ``self.model`` (a model of a registered family), call ``save_config``, and
+    define ``recipe``.
     """
 
     model: torch.nn.Module
-    optim: OptimConfig
     tokens_seen: int = 0  # input positions consumed over all ranks (logged as train/tokens)
-    compile: str = (
-        "auto"  # torch.compile the model: auto (on CUDA) | true | false; set from task.compile
-    )
-    activation_checkpointing: bool = (
-        False  # recompute each block in the backward; task.activation_checkpointing
-    )
-    on_nonfinite: str = "stop"  # a non-finite loss or gradient norm: stop | skip; task.on_nonfinite
-    seed: int = 0  # with (rank, step, micro-batch), seeds the dropout masks of each micro-batch
     skipped_steps: int = 0
     _configured: bool = False
-    _step_loss: torch.Tensor | None = None
-    _step_sum: torch.Tensor | None = None
-    _step_tokens: torch.Tensor | None = None
-    _scale: float = 1.0
-    _grad_factor: torch.Tensor | None = None
+
+    config_class: type[TaskConfig] = TaskConfig  # the task config this module takes
+
+    def __init__(self, task: TaskConfig | dict, seed: int = 0) -> None:
+        super().__init__()
+        if not isinstance(task, self.config_class):  # load_from_checkpoint: a plain dict
+            task = build(task, "task", cls=self.config_class)
+        self.task = task
+        self.optim = task.optim
+        self.seed = seed  # with (rank, step, micro-batch), seeds the dropout masks
+        self.step_tokens = StepTokens()
+        self.val_loss = MeanMetric()  # token-weighted: update(mean, weight=n_tokens)
+        self._step_loss: torch.Tensor | None = None
+        self._grad_factor: torch.Tensor | None = None
+        self._skipped_in_a_row = 0
+
+    @classmethod
+    def recipe(cls, run, ckpt_path: str | None) -> Recipe:
+        """The module and data module of ``run`` (the validated config, ``lmforge.cli.train.Run``);
+        ``ckpt_path``: the checkpoint the run resumes from, if any."""
+        raise NotImplementedError
 
     def step_loss(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor, scale: int) -> torch.Tensor:
-        """The loss to back-propagate for one micro-batch; see the class docstring."""
-        if self._step_sum is None:
-            self._step_sum, self._step_tokens = loss_sum.detach(), n_tokens
-        else:
-            self._step_sum = self._step_sum + loss_sum.detach()
-            self._step_tokens = self._step_tokens + n_tokens
-        self._scale = scale
-        return loss_sum / scale
+        """The loss to back-propagate for one micro-batch (see ``StepTokens``)."""
+        return self.step_tokens.add(loss_sum, n_tokens, scale)
+
+    def update_val_loss(self, loss_sum: torch.Tensor, n: torch.Tensor) -> None:
+        self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)  # n = 0 (a blank) adds nothing
+
+    def log_val_loss(self) -> torch.Tensor:
+        """Log val/loss and val/ppl: token-weighted over the split, reduced across ranks."""
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        # The values are already reduced over ranks; sync_dist marks them so (a mean of equals).
+        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
+        self.log("val/ppl", loss.exp(), sync_dist=True)
+        return loss
+
+    def on_validation_epoch_end(self) -> None:
+        self.log_val_loss()
 
     def configure_model(self) -> None:
         """Activation checkpointing, compilation and sharding, applied once to the model (not the
@@ -101,9 +180,9 @@ class LMTask(L.LightningModule):
         from lmforge.parallel import shard
 
         strategy = self.trainer.strategy
-        self.model.checkpoint_blocks = self.activation_checkpointing
-        compile_model = self.compile == "true" or (
-            self.compile == "auto" and strategy.root_device.type == "cuda"
+        self.model.checkpoint_blocks = self.task.activation_checkpointing
+        compile_model = self.task.compile == "true" or (
+            self.task.compile == "auto" and strategy.root_device.type == "cuda"
         )
         if isinstance(strategy, ModelParallelStrategy):
             if compile_model:
@@ -126,28 +205,17 @@ class LMTask(L.LightningModule):
         ]  # walked once, not every step
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        if self._step_tokens is None:
+        closed = self.step_tokens.close(self.trainer)
+        if closed is None:
             return
-        loss_sum, n = self._step_sum, self._step_tokens
-        if self.trainer.world_size > 1:
-            totals = self.trainer.strategy.reduce(
-                torch.stack([loss_sum, n.to(loss_sum.dtype)]), reduce_op="sum"
-            )
-            loss_sum, n = totals[0], totals[1]
-        n = n.clamp(min=1)
-        self._step_loss = loss_sum / n
-        self._grad_factor = (
-            self._scale * self.trainer.accumulate_grad_batches * self.trainer.world_size / n
-        )
+        self._step_loss, self._grad_factor = closed
         if self.logging_step():
             # Straight to the loggers, now: a checkpoint at the end of this step then never
             # precedes the step's row, so a run killed in between resumes with no row missing.
-            loss = loss_sum / n
-            row = {"train/loss": loss.item(), "train/tokens": float(self.tokens_seen)}
+            row = {"train/loss": self._step_loss.item(), "train/tokens": float(self.tokens_seen)}
             for logger in self.trainer.loggers:
                 logger.log_metrics(row, step=self.trainer.global_step)
-            self.log("train/loss", loss, prog_bar=True, logger=False)
-        self._step_sum = self._step_tokens = None
+            self.log("train/loss", self._step_loss, prog_bar=True, logger=False)
 
     def configure_gradient_clipping(
         self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None
@@ -181,15 +249,24 @@ class LMTask(L.LightningModule):
         moments untouched; the step is counted in ``train/skipped_steps``)."""
         loss = self._step_loss if self._step_loss is not None else grad_norm.new_zeros(())
         if bool(torch.isfinite(loss) & torch.isfinite(grad_norm)):
+            self._skipped_in_a_row = 0
             return True
         step = self.trainer.global_step + 1
         what = f"loss {loss.item():.4g}, gradient norm {grad_norm.item():.4g}"
-        if self.on_nonfinite == "stop":
+        if self.task.on_nonfinite == "stop":
             raise NonFiniteError(
                 f"non-finite values at step {step} ({what}): the learning rate is likely too high"
                 f" (task.optim.lr={self.optim.lr}) or the data holds a bad batch; the last good"
                 " checkpoint is kept: resume with resume=auto and a lower learning rate, or set"
                 " task.on_nonfinite=skip"
+            )
+        self._skipped_in_a_row += 1
+        if self._skipped_in_a_row > self.task.max_skipped_steps:
+            raise NonFiniteError(
+                f"{self._skipped_in_a_row} steps in a row were non-finite (the last: step {step},"
+                f" {what}): training is not recovering; resume from the last good checkpoint"
+                " with resume=auto and a lower task.optim.lr (task.max_skipped_steps sets the"
+                " limit)"
             )
         for p in self._trainable:
             p.grad = None  # AdamW skips parameters without a gradient
@@ -212,10 +289,12 @@ class LMTask(L.LightningModule):
             torch.cuda.manual_seed(seed)
 
     def logging_step(self) -> bool:
-        """Whether Lightning writes this step to the loggers (every ``log_every_n_steps``, and in a
-        fast dev run); ``self.log`` costs time, so the other steps skip it. The predicate is
-        Lightning's own, the one its LearningRateMonitor uses."""
-        return self.trainer._logger_connector.should_update_logs or bool(self.trainer.fast_dev_run)
+        """Whether Lightning writes this step to the loggers: every ``log_every_n_steps`` optimizer
+        steps, at a stop, and in a fast dev run (the rule of Lightning's own logger connector);
+        ``self.log`` costs time, so the other steps skip it."""
+        trainer = self.trainer
+        due = (trainer.global_step + 1) % trainer.log_every_n_steps == 0
+        return due or trainer.should_stop or bool(trainer.fast_dev_run)
 
     def param_groups(self) -> list[dict]:
         """Weight decay for matrices (embeddings as ``decay_embeddings`` says); none for biases and norms."""
@@ -252,13 +331,19 @@ class LMTask(L.LightningModule):
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, c, total) / c.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
-    def save_config(self, model_cfg, **sections) -> None:
-        """Store the model config (its init fields) and other sections as plain dicts, so that
-        checkpoints load with ``torch.load(weights_only=True)``."""
-        init_fields = {f.name: getattr(model_cfg, f.name) for f in fields(model_cfg) if f.init}
+    def make_model(self, model, family: str, **extra) -> torch.nn.Module:
+        """The model of ``model`` (a config of a registered family, or its fields as a dict, as
+        ``load_from_checkpoint`` passes them); records the family, the model's init fields, the
+        task config, the seed and ``extra`` as hyperparameters, plain values that checkpoints
+        load with ``torch.load(weights_only=True)``."""
+        fam = get_family(family) if isinstance(model, dict) else family_of(model)
+        config = fam.config(**model) if isinstance(model, dict) else model
+        init_fields = {f.name: getattr(config, f.name) for f in fields(config) if f.init}
         self.save_hyperparameters(
-            {"model": init_fields} | {k: asdict(v) for k, v in sections.items()}
+            {"family": fam.name, "model": init_fields, "task": asdict(self.task), "seed": self.seed}
+            | extra
         )
+        return fam.build(config)
 
     def count_tokens(self, n_positions: int) -> None:
         self.tokens_seen += n_positions * self.trainer.world_size
@@ -290,7 +375,7 @@ class LMTask(L.LightningModule):
         known = saved_tok and dm is not None and hasattr(dm, "tokenizer")
         if known and saved_tok != dm.tokenizer.to_str():
             raise LMForgeError(
-                f"the checkpoint was trained with another tokenizer than {dm.config.dir}'s"
+                "the checkpoint was trained with another tokenizer than this run's data"
                 f" (vocabulary {_vocab_size(saved_tok)} vs {dm.tokenizer.get_vocab_size()}):"
                 " resume on the data it was trained on, or start a new run_name"
             )

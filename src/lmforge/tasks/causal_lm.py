@@ -3,23 +3,41 @@
 from __future__ import annotations
 
 import torch
-from torchmetrics.aggregation import MeanMetric
 
-from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.tasks.base import LMTask, token_loss
-from lmforge.tasks.optim import OptimConfig
+from lmforge.data.datamodule import TokenDataModule
+from lmforge.run import initial_model, pretraining_model
+from lmforge.tasks.base import LMTask, Recipe, token_loss
+from lmforge.tasks.config import CausalLMConfig
 
 
 class CausalLMTask(LMTask):
     """Cross-entropy on next tokens; logs train/loss, val/loss, val/ppl and tokens seen."""
 
-    def __init__(self, model: GPTConfig | dict, optim: OptimConfig | dict | None = None) -> None:
-        super().__init__()
-        model_cfg = model if isinstance(model, GPTConfig) else GPTConfig(**model)
-        self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
-        self.save_config(model_cfg, optim=self.optim)
-        self.model = GPT(model_cfg)
-        self.val_loss = MeanMetric()  # token-weighted: update(mean, weight=n_tokens)
+    config_class = CausalLMConfig
+
+    def __init__(
+        self, model, task: CausalLMConfig | dict | None = None, seed: int = 0, family: str = "gpt"
+    ) -> None:
+        super().__init__(task or CausalLMConfig(), seed)
+        self.model = self.make_model(model, family)
+
+    @classmethod
+    def recipe(cls, run, ckpt_path: str | None) -> Recipe:
+        dm = TokenDataModule(run.data, seed=run.cfg.seed)
+        dm.prepare_data()
+        model_cfg = pretraining_model(run, dm.meta["vocab_size"])
+        initial = initial_model(run, model_cfg, dm, ckpt_path)
+        module = cls(initial.config if initial else model_cfg, run.task, run.cfg.seed)
+        if initial is not None:
+            module.model.load_state_dict(initial.state_dict())
+        return Recipe(
+            module,
+            dm,
+            module.model.config,
+            batch_size=run.data.batch_size,
+            seq_len=run.data.seq_len,
+            global_batch_tokens=run.data.global_batch_tokens,
+        )
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -32,12 +50,4 @@ class CausalLMTask(LMTask):
 
     def validation_step(self, batch, batch_idx):
         x, y = batch
-        loss_sum, n = token_loss(self.model(x), y)
-        self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)  # n = 0: a rank's blank window
-
-    def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()  # reduced across ranks, weighted by tokens
-        self.val_loss.reset()
-        # The values are already reduced over ranks; sync_dist marks them so (a mean of equals).
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", loss.exp(), sync_dist=True)
+        self.update_val_loss(*token_loss(self.model(x), y))  # n = 0: a rank's blank window

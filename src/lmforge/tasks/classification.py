@@ -10,10 +10,9 @@ and the head.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import torch
 import torch.nn.functional as F
+from lightning.pytorch.utilities import rank_zero_info
 from torch import nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import (
@@ -24,24 +23,12 @@ from torchmetrics.classification import (
     MulticlassRecall,
 )
 
+from lmforge.data.datamodule import ClassificationDataModule
 from lmforge.errors import LMForgeError
-from lmforge.models.bert import Bert, BertConfig
-from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.lora import add_lora
-from lmforge.tasks.base import LMTask
-from lmforge.tasks.optim import OptimConfig
-
-
-@dataclass
-class LoRAConfig:
-    rank: int = 0  # 0: no adapters, fine-tune the weights themselves
-    alpha: float = 16.0  # the adapters' output is scaled by alpha / rank
-    dropout: float = 0.0
-    targets: list[str] = field(default_factory=lambda: ["qkv", "attn.proj", "mlp.fc", "mlp.proj"])
-
-    def __post_init__(self) -> None:
-        if self.rank < 0:
-            raise LMForgeError(f"task.lora.rank must be >= 0, got {self.rank}")
+from lmforge.models.registry import family as get_family
+from lmforge.run import pretrained_model
+from lmforge.tasks.base import LMTask, Recipe
+from lmforge.tasks.config import ClassificationConfig
 
 
 def metrics(n: int) -> MetricCollection:
@@ -57,63 +44,68 @@ def metrics(n: int) -> MetricCollection:
 
 
 class ClassificationTask(LMTask):
+    config_class = ClassificationConfig
+
     def __init__(
         self,
-        model: dict,
+        model,
         family: str,
         labels: list[str],
-        optim: OptimConfig | dict | None = None,
-        lora: LoRAConfig | dict | None = None,
-        train_last_blocks: int | None = None,
+        task: ClassificationConfig | dict | None = None,
+        seed: int = 0,
         class_weights: list[float] | None = None,
     ) -> None:
-        super().__init__()
-        if family not in ("gpt", "bert"):
-            raise LMForgeError(f"family={family!r}: gpt or bert")
-        model_cfg = (GPTConfig if family == "gpt" else BertConfig)(**model)
-        self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
-        self.lora = lora if isinstance(lora, LoRAConfig) else LoRAConfig(**(lora or {}))
-        self.family, self.labels = family, list(labels)
-        self.save_hyperparameters(
-            {
-                "model": model if isinstance(model, dict) else asdict(model),
-                "family": family,
-                "labels": self.labels,
-                "optim": asdict(self.optim),
-                "lora": asdict(self.lora),
-                "train_last_blocks": train_last_blocks,
-                "class_weights": class_weights,
-            }
-        )
-        self.model = GPT(model_cfg) if family == "gpt" else Bert(model_cfg)
-        if family == "gpt":
-            del self.model.lm_head  # tied to the embedding: the weights stay, the head goes
-        else:
-            del self.model.mlm_head  # pretraining's head; the pooler serves classification
-        self.head = nn.Linear(model_cfg.n_embd, len(labels))
-        self.drop = nn.Dropout(model_cfg.dropout)
+        super().__init__(task or ClassificationConfig(), seed)
+        self.labels = list(labels)
+        self.model = self.make_model(model, family, labels=self.labels, class_weights=class_weights)
+        self.model.remove_lm_head()  # pretraining's head; a linear head on features instead
+        width = self.model.config.n_embd
+        self.head = nn.Linear(width, len(labels))
+        self.drop = nn.Dropout(self.model.config.dropout)
         self.register_buffer(
             "class_weights",
             torch.tensor(class_weights) if class_weights else torch.ones(len(labels)),
             persistent=False,
         )
-        self._choose_trainable(train_last_blocks)
+        self._choose_trainable(self.task.train_last_blocks)
         self.val_metrics = metrics(len(labels))
         self.test_metrics = metrics(len(labels))
 
+    @classmethod
+    def recipe(cls, run, ckpt_path: str | None) -> Recipe:
+        """Labelled data tokenized with the pretrained model's tokenizer, and a classifier on
+        the model of ``init_from``."""
+        loaded, config = pretrained_model(run, run.data.max_len)
+        dm = ClassificationDataModule(run.data, loaded.tokenizer, loaded.family.frame, run.cfg.seed)
+        dm.setup("fit")
+        weights = dm.class_weights().tolist() if run.data.balance == "weights" else None
+        module = cls(config, loaded.family.name, dm.labels, run.task, run.cfg.seed, weights)
+        module.load_backbone(loaded.model.state_dict())
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        rank_zero_info(
+            f"classifier: labels {dm.labels}; {trainable:,} of"
+            f" {sum(p.numel() for p in module.parameters()):,} parameters trained"
+        )
+        return Recipe(
+            module,
+            dm,
+            config,
+            batch_size=run.data.batch_size,
+            seq_len=run.data.max_len,
+            test=run.data.test is not None,
+        )
+
     def _choose_trainable(self, train_last_blocks: int | None) -> None:
-        if self.lora.rank > 0:
-            add_lora(
-                self.model, self.lora.targets, self.lora.rank, self.lora.alpha, self.lora.dropout
-            )
+        if self.task.lora.rank > 0:
+            self.task.lora.apply(self.model)
+            for module in self.model.pooling_modules():
+                module.requires_grad_(True)
         elif train_last_blocks is not None:
             self.model.requires_grad_(False)
             for block in list(self.model.blocks)[len(self.model.blocks) - train_last_blocks :]:
                 block.requires_grad_(True)
-            last = self.model.ln_f if self.family == "gpt" else self.model.pooler
-            last.requires_grad_(True)
-        if self.family == "bert" and self.lora.rank > 0:
-            self.model.pooler.requires_grad_(True)  # a fresh task for the pooler: train it
+            for module in self.model.top_modules():
+                module.requires_grad_(True)
 
     def load_backbone(self, state: dict) -> None:
         """Pretrained weights of the GPT / BERT (the LM head of a GPT is left out)."""
@@ -133,24 +125,23 @@ class ClassificationTask(LMTask):
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Class logits (B, n_classes)."""
-        ids = batch["input_ids"]
-        if self.family == "gpt":
-            hidden = self.model.features(ids)  # causal: right padding never reaches real tokens
-            last = hidden[torch.arange(ids.size(0), device=ids.device), batch["lengths"] - 1]
-        else:
-            last = self.model.pooled(self.model(ids, batch["attention_mask"]))
-        return self.head(self.drop(last))
+        mask = batch["attention_mask"]
+        features = self.model.sequence_features(self.model.hidden(batch["input_ids"], mask), mask)
+        return self.head(self.drop(features))
 
     def training_step(self, batch, batch_idx):
         logits = self(batch)
         y = batch["labels"]
-        w = self.class_weights[y]
-        loss_sum = (F.cross_entropy(logits.float(), y, reduction="none") * w).sum()
+        real = y >= 0  # blanks (a rank's filler in the last global batch) weigh nothing
+        w = torch.where(real, self.class_weights[y.clamp(min=0)], 0.0)
+        loss = F.cross_entropy(logits.float(), y, reduction="none", ignore_index=-100)
+        loss_sum = (loss * w).sum()
         self.count_tokens(batch["input_ids"].numel())
         return self.step_loss(loss_sum, w.sum(), scale=y.numel())
 
     def _eval_step(self, batch, collection: MetricCollection) -> None:
-        collection.update(self(batch).argmax(-1), batch["labels"])
+        real = batch["labels"] >= 0  # blanks: a rank's filler, counted nowhere
+        collection.update(self(batch).argmax(-1)[real], batch["labels"][real])
 
     def validation_step(self, batch, batch_idx):
         self._eval_step(batch, self.val_metrics)
@@ -190,10 +181,11 @@ class ClassificationTask(LMTask):
         from lmforge.data.classification import ClassificationDataConfig, collate, encode
 
         cfg = ClassificationDataConfig(train="", val="", max_len=max_len)
+        frame = get_family(self.hparams["family"]).frame
         data, _ = encode(
-            [(t, self.labels[0]) for t in texts], self.labels, tokenizer, self.family, cfg, "texts"
+            [(t, self.labels[0]) for t in texts], self.labels, tokenizer, frame, cfg, "texts"
         )
-        pad = tokenizer.token_to_id("[PAD]" if self.family == "bert" else "<|endoftext|>") or 0
+        pad = tokenizer.token_to_id(frame.pad) or 0
         batch = collate([data[i] for i in range(len(data))], pad)
         was = self.training
         self.eval()

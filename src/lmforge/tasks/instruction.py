@@ -10,41 +10,64 @@ before training) show the responses before tuning.
 from __future__ import annotations
 
 import torch
-from torchmetrics.aggregation import MeanMetric
+from lightning.pytorch.utilities import rank_zero_info
 
-from lmforge.models.gpt import GPT, GPTConfig
-from lmforge.models.lora import add_lora
-from lmforge.tasks.base import LMTask, token_loss
-from lmforge.tasks.classification import LoRAConfig
-from lmforge.tasks.optim import OptimConfig
+from lmforge.data.datamodule import InstructionDataModule
+from lmforge.data.instructions import render_prompt
+from lmforge.errors import LMForgeError
+from lmforge.run import pretrained_model
+from lmforge.tasks.base import LMTask, Recipe, token_loss
+from lmforge.tasks.config import InstructionConfig
 
 
 class InstructionTask(LMTask):
+    config_class = InstructionConfig
+
     def __init__(
         self,
-        model: dict,
-        optim: OptimConfig | dict | None = None,
-        lora: LoRAConfig | dict | None = None,
-        max_new_tokens: int = 64,
+        model,
+        task: InstructionConfig | dict | None = None,
+        seed: int = 0,
+        family: str = "gpt",
     ) -> None:
-        super().__init__()
-        from dataclasses import asdict
-
-        self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
-        self.lora = lora if isinstance(lora, LoRAConfig) else LoRAConfig(**(lora or {}))
-        self.save_hyperparameters(
-            {"model": model, "optim": asdict(self.optim), "lora": asdict(self.lora)}
-        )
-        self.model = GPT(GPTConfig(**model))
-        if self.lora.rank > 0:
-            add_lora(
-                self.model, self.lora.targets, self.lora.rank, self.lora.alpha, self.lora.dropout
-            )
-        self.max_new_tokens = max_new_tokens
-        self.val_loss = MeanMetric()
-        self.sample_prompts: list[str] = []  # set by lmforge-train from the validation records
+        super().__init__(task or InstructionConfig(), seed)
+        self.model = self.make_model(model, family)
+        self.task.lora.apply(self.model)
+        self.sample_prompts: list[str] = []  # set by the recipe from the validation records
         self.tokenizer = None
         self.rows: list[list] = []
+
+    @classmethod
+    def recipe(cls, run, ckpt_path: str | None) -> Recipe:
+        """Instruction records tokenized with the pretrained model's tokenizer, and the tuning
+        task on the causal LM of ``init_from``; validates before tuning (step 0)."""
+        loaded, config = pretrained_model(run, run.data.max_len, causal=True)
+        dm = InstructionDataModule(run.data, loaded.tokenizer, seed=run.cfg.seed)
+        dm.setup("fit")
+        module = cls(config, run.task, run.cfg.seed, loaded.family.name)
+        missing, _ = module.model.load_state_dict(loaded.model.state_dict(), strict=False)
+        if any("lora_" not in k for k in missing):
+            raise LMForgeError(f"the pretrained weights lack {', '.join(missing[:3])}")
+        module.tokenizer = loaded.tokenizer
+        module.sample_prompts = [
+            render_prompt(r, run.data) for r in dm.val_records[: run.data.sample_prompts]
+        ]
+        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        rank_zero_info(
+            f"instruction tuning: {trainable:,} of"
+            f" {sum(p.numel() for p in module.parameters()):,} parameters trained"
+        )
+        # Metric states made under inference mode could not be updated in the fit's
+        # validations, so evaluation runs under no_grad.
+        return Recipe(
+            module,
+            dm,
+            config,
+            batch_size=run.data.batch_size,
+            seq_len=run.data.max_len,
+            validate_first=ckpt_path is None,
+            trainer_args={"inference_mode": False},
+        )
 
     def training_step(self, batch, batch_idx):
         logits = self.model(batch["input_ids"], segments=batch.get("segments"))
@@ -53,14 +76,10 @@ class InstructionTask(LMTask):
         return self.step_loss(loss_sum, n, scale=batch["labels"].numel())
 
     def validation_step(self, batch, batch_idx):
-        loss_sum, n = token_loss(self.model(batch["input_ids"]), batch["labels"])
-        self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)
+        self.update_val_loss(*token_loss(self.model(batch["input_ids"]), batch["labels"]))
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()
-        self.val_loss.reset()
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", loss.exp(), sync_dist=True)
+        self.log_val_loss()
         if self.tokenizer is not None and self.sample_prompts and not self.trainer.sanity_checking:
             self.log_samples()
 
@@ -72,7 +91,7 @@ class InstructionTask(LMTask):
         room = self.model.config.block_size - len(ids)
         out = self.model.generate(
             torch.tensor([ids], device=self.device),
-            max(1, min(self.max_new_tokens, room)),
+            max(1, min(self.task.max_new_tokens, room)),
             temperature=0,
         )[0, len(ids) :].tolist()
         eot = tok.token_to_id("<|endoftext|>")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 from torchmetrics.aggregation import MeanMetric
 
-from lmforge.data.masking import MaskingConfig
-from lmforge.models.bert import Bert, BertConfig
-from lmforge.tasks.base import LMTask, token_loss
-from lmforge.tasks.optim import OptimConfig
+from lmforge.data.datamodule import TokenDataModule
+from lmforge.run import initial_model, pretraining_model
+from lmforge.tasks.base import LMTask, Recipe, token_loss
+from lmforge.tasks.config import MaskedLMConfig
 
 
 class MaskedLMTask(LMTask):
@@ -18,34 +18,45 @@ class MaskedLMTask(LMTask):
     logits for the ~85% of positions that carry no label.
     """
 
+    config_class = MaskedLMConfig
+
     def __init__(
-        self,
-        model: BertConfig | dict,
-        optim: OptimConfig | dict | None = None,
-        masking: MaskingConfig | dict | None = None,
+        self, model, task: MaskedLMConfig | dict | None = None, seed: int = 0, family: str = "bert"
     ) -> None:
-        super().__init__()
-        model_cfg = model if isinstance(model, BertConfig) else BertConfig(**model)
-        self.optim = optim if isinstance(optim, OptimConfig) else OptimConfig(**(optim or {}))
-        self.masking = (
-            masking if isinstance(masking, MaskingConfig) else MaskingConfig(**(masking or {}))
-        )
-        self.save_config(model_cfg, optim=self.optim, masking=self.masking)
-        self.model = Bert(model_cfg)
+        super().__init__(task or MaskedLMConfig(), seed)
+        self.masking = self.task.masking
+        self.model = self.make_model(model, family)
         # MLM does not train the pooler (classification fine-tuning does); frozen, DDP needs no
         # unused-parameter search and the optimizer holds no state for it.
         self.model.pooler.requires_grad_(False)
-        self.val_loss = MeanMetric()
         self.val_acc = MeanMetric()
+
+    @classmethod
+    def recipe(cls, run, ckpt_path: str | None) -> Recipe:
+        dm = TokenDataModule(run.data, seed=run.cfg.seed, masking=run.task.masking)
+        dm.prepare_data()
+        model_cfg = pretraining_model(run, dm.meta["vocab_size"])
+        initial = initial_model(run, model_cfg, dm, ckpt_path)
+        module = cls(initial.config if initial else model_cfg, run.task, run.cfg.seed)
+        if initial is not None:
+            module.model.load_state_dict(initial.state_dict())
+        return Recipe(
+            module,
+            dm,
+            module.model.config,
+            batch_size=run.data.batch_size,
+            seq_len=run.data.seq_len,
+            global_batch_tokens=run.data.global_batch_tokens,
+        )
 
     def mlm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(summed loss, masked-token count, correct predictions) of a batch."""
         labels = batch["labels"]
-        hidden = self.model(
+        hidden = self.model.hidden(
             batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
         )
         selected = labels != -100
-        logits = self.model.mlm_logits(hidden, selected)  # (N, vocab_size)
+        logits = self.model.lm_logits(hidden, selected)  # (N, vocab_size)
         targets = labels[selected]
         loss_sum, n = token_loss(logits, targets)
         correct = (logits.argmax(-1) == targets).sum()
@@ -60,15 +71,11 @@ class MaskedLMTask(LMTask):
 
     def validation_step(self, batch, batch_idx):
         loss_sum, n, correct = self.mlm_loss(batch)
-        self.val_loss.update(loss_sum / n.clamp(min=1), weight=n)  # n = 0 adds nothing
+        self.update_val_loss(loss_sum, n)
         self.val_acc.update(correct / n.clamp(min=1), weight=n)
 
     def on_validation_epoch_end(self) -> None:
-        loss = self.val_loss.compute()  # reduced across ranks, weighted by masked tokens
+        self.log_val_loss()
         acc = self.val_acc.compute()
-        self.val_loss.reset()
         self.val_acc.reset()
-        # The values are already reduced over ranks; sync_dist marks them so (a mean of equals).
-        self.log("val/loss", loss, prog_bar=True, sync_dist=True)
-        self.log("val/ppl", loss.exp(), sync_dist=True)
         self.log("val/mlm_acc", acc, prog_bar=True, sync_dist=True)

@@ -1,0 +1,127 @@
+"""The typed config of every task: one dataclass per task, reached by ``task._target_``.
+
+Every ``task.*`` key reaches the code through these classes (merged like the model and data
+configs, so a typo or a wrong type fails before any work) and nowhere else. Each config names
+its LightningModule, whose ``recipe`` classmethod builds the run's module and data module, and
+declares what the runner needs to know: the data it trains on and whether it starts from
+pretrained weights. No Lightning import here: configs are validated before it is loaded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from lmforge.data.classification import ClassificationDataConfig
+from lmforge.data.config import DataConfig
+from lmforge.data.instructions import InstructionDataConfig
+from lmforge.data.masking import MaskingConfig
+from lmforge.errors import LMForgeError
+from lmforge.models.lora import LoRAConfig
+from lmforge.tasks.optim import OptimConfig
+
+DATA_KINDS = {  # what each data config holds, for messages
+    DataConfig: "a prepared token set (data=shakespeare_char, gutenberg_bpe, corpus, ...)",
+    ClassificationDataConfig: "labelled texts (data=sms_spam)",
+    InstructionDataConfig: "instruction records (data=instructions)",
+}
+
+
+@dataclass
+class TaskConfig:
+    """What every task shares: the optimizer and how a step runs."""
+
+    name: str = "task"  # names the run directory: logs/<name>/<run_name>
+    compile: str = "auto"  # torch.compile the model: auto (on CUDA) | true | false
+    activation_checkpointing: bool = False  # recompute each block in the backward
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient norm: stop | skip the step
+    max_skipped_steps: int = 10  # on_nonfinite=skip: stop after this many skips in a row
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+    module: ClassVar[str]  # the LightningModule whose ``recipe`` builds the run
+    data: ClassVar[type]  # the data config it trains on
+    pretrained: ClassVar[bool] = False  # starts from init_from; its architecture comes from there
+
+    def __post_init__(self) -> None:
+        if str(self.compile).lower() not in ("auto", "true", "false"):
+            raise LMForgeError(f"task.compile={self.compile!r}: use auto (on CUDA), true or false")
+        self.compile = str(self.compile).lower()
+        if self.on_nonfinite not in ("stop", "skip"):
+            raise LMForgeError(f"task.on_nonfinite={self.on_nonfinite!r}: use stop or skip")
+        if self.max_skipped_steps < 1:
+            raise LMForgeError(f"task.max_skipped_steps must be >= 1, got {self.max_skipped_steps}")
+
+    def check_data(self, data: Any) -> None:
+        """Refuse data this task cannot train on, naming both and the fix."""
+        if isinstance(data, self.data):
+            return
+        takes = [
+            c.name
+            for c in _task_configs()
+            if isinstance(data, c.data) and c.name != TaskConfig.name
+        ]
+        fix = f"use task={' or task='.join(takes)}" if takes else "choose another data config"
+        raise LMForgeError(
+            f"task={self.name} trains on {DATA_KINDS[self.data]}, but data= holds"
+            f" {DATA_KINDS.get(type(data), type(data).__name__)}: {fix} for this data, or a"
+            f" data config of the task's kind"
+        )
+
+
+def _task_configs() -> list[type[TaskConfig]]:
+    found, todo = [], list(TaskConfig.__subclasses__())
+    while todo:
+        c = todo.pop()
+        found.append(c())
+        todo += c.__subclasses__()
+    return found
+
+
+@dataclass
+class CausalLMConfig(TaskConfig):
+    """Next-token prediction (GPT pretraining)."""
+
+    name: str = "causal_lm"
+    module: ClassVar[str] = "lmforge.tasks.causal_lm.CausalLMTask"
+    data: ClassVar[type] = DataConfig
+
+
+@dataclass
+class MaskedLMConfig(TaskConfig):
+    """Masked-token prediction (BERT pretraining) with dynamic 80/10/10 masking."""
+
+    name: str = "masked_lm"
+    masking: MaskingConfig = field(default_factory=MaskingConfig)
+    module: ClassVar[str] = "lmforge.tasks.masked_lm.MaskedLMTask"
+    data: ClassVar[type] = DataConfig
+
+
+@dataclass
+class ClassificationConfig(TaskConfig):
+    """A linear head on a pretrained GPT (last token) or BERT (pooled [CLS])."""
+
+    name: str = "classification"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train_last_blocks: int | None = None  # train only the last k blocks (and the head); null: all
+    module: ClassVar[str] = "lmforge.tasks.classification.ClassificationTask"
+    data: ClassVar[type] = ClassificationDataConfig
+    pretrained: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_last_blocks is not None and self.train_last_blocks < 0:
+            raise LMForgeError(
+                f"task.train_last_blocks must be >= 0 or null, got {self.train_last_blocks}"
+            )
+
+
+@dataclass
+class InstructionConfig(TaskConfig):
+    """Instruction tuning of a pretrained GPT: loss on the response tokens only."""
+
+    name: str = "instruction"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    max_new_tokens: int = 64  # length of the responses generated at each validation
+    module: ClassVar[str] = "lmforge.tasks.instruction.InstructionTask"
+    data: ClassVar[type] = InstructionDataConfig
+    pretrained: ClassVar[bool] = True
