@@ -337,3 +337,62 @@ def test_chinese_corpus_prepares_and_trains(tmp_path, kind, train_cfg):
     val = np.fromfile(tmp_path / "zh" / "val.bin", dtype=meta["dtype"]).tolist()
     assert tok.decode(val) == text[int(len(text) * 0.9) :]
     assert metrics["val/loss"] > 0
+
+
+def transformers_style_tokenizer_file(path, docs):
+    """A WordPiece saved as sentence-transformers and BERT files are: padding and truncation to
+    128 and a [CLS] $A [SEP] post-processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(
+        docs, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=128)
+    tok.enable_truncation(128)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tok.save(str(path))
+    assert len(Tokenizer.from_file(str(path)).encode("a b").ids) == 128
+    return path
+
+
+def test_tokenizer_file_is_used_without_padding_truncation_or_template(tmp_path):
+    from tokenizers import Tokenizer
+
+    docs = [" ".join(corpus_docs(200)[i : i + 8]) for i in range(0, 160, 8)]  # long documents
+    tok_file = transformers_style_tokenizer_file(tmp_path / "tokenizer.json", docs)
+    words = Tokenizer.from_file(str(tok_file))
+    words.no_padding(), words.no_truncation()
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs])
+    cfg = PrepareConfig(
+        source=SourceConfig(kind="jsonl", paths=[str(path)]),
+        tokenizer=TokenizerConfig(kind="file", path=str(tok_file)),
+        progress=False,
+        val_fraction=0.3,
+    )
+    prepare(cfg, tmp_path / "out")
+    want = {tuple(words.encode(d, add_special_tokens=False).ids) for d in docs}
+    got = [tuple(d) for split in ("train", "val") for d in split_documents(tmp_path / "out", split)]
+    assert set(got) == want and len(got) == len(docs)
+    assert max(len(d) for d in got) > 128
+
+    from lmforge.checkpoint import hf_tokenizer
+    from lmforge.data.classification import ClassificationDataConfig, encode
+
+    cfg = ClassificationDataConfig(train="-", val="-", max_len=64)
+    examples = [("a short text", "x"), (docs[0], "y")]
+    for tok in (load_tokenizer(tok_file), hf_tokenizer(tmp_path)):
+        encoded, counts = encode(examples, ["x", "y"], tok, "bert", cfg, "train")
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        short = words.encode("a short text", add_special_tokens=False).ids
+        assert encoded.ids[0] == [cls, *short, sep]
+        assert encoded.ids[1][0] == cls and encoded.ids[1][-1] == sep
+        assert encoded.ids[1][1:-1] == words.encode(docs[0], add_special_tokens=False).ids[:62]
+        assert counts["truncated"] == 1
