@@ -16,8 +16,9 @@ Output directory::
                               what cleaning removed, the sources and their checksums, the settings
 
 The set is built in a temporary directory and swapped in at the end: an interrupted run leaves
-the previous set as it was and never a set that looks complete. Re-running with the same inputs
-(paths, sizes, modification times) and settings does nothing.
+the previous set as it was and never a set that looks complete. Only a directory lmforge wrote
+(or an empty one) is replaced; one holding other files is refused. Re-running with the same
+inputs (paths, sizes, modification times) and settings does nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +50,7 @@ from lmforge.errors import LMForgeError
 from lmforge.files import atomic_write_bytes, staged_dir
 
 META_FORMAT = "lmforge-tokens-v2"
+SET_FILES = re.compile(r"(tokenizer|meta)\.json|(train|val)(_\d{5})?\.bin|(train|val)\.idx")
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # keeps \t \n \r
 
 
@@ -306,9 +308,18 @@ def prepare(cfg: PrepareConfig, out_dir: str | Path, force: bool = False) -> dic
     """Prepare the corpus of ``cfg`` into ``out_dir``; returns the metadata. A no-op when up to date."""
     out = Path(out_dir)
     fp = fingerprint(cfg)
+    root = out.resolve()
+    for source in fp["sources"]:
+        path = Path(source["path"]).resolve()
+        if path.exists() and (path == root or root in path.parents):
+            raise LMForgeError(
+                f"the source {source['path']} is inside data.dir={out}, which prepare replaces:"
+                " choose another data.dir"
+            )
     if not force and (meta := up_to_date(out, fp)) is not None:
         return meta
-    with staged_dir(out) as tmp:
+    fix = "choose another data.dir (a new or empty directory)"
+    with staged_dir(out, SET_FILES.fullmatch, fix) as tmp:
         meta = _prepare_into(cfg, tmp, fp)
     return meta
 
