@@ -396,3 +396,47 @@ def test_tokenizer_file_is_used_without_padding_truncation_or_template(tmp_path)
         assert encoded.ids[1][0] == cls and encoded.ids[1][-1] == sep
         assert encoded.ids[1][1:-1] == words.encode(docs[0], add_special_tokens=False).ids[:62]
         assert counts["truncated"] == 1
+
+
+LONG_DOCUMENT = (
+    "It's the  end\tof days;\n\nthe 2nd   of   May, 1605 —  ‘quoth’ he:  Zebra 鯨 明月光,"
+    " don't     stop!\n  Indented line.\r\nWindows line \t\t tabs  and    runs   of spaces. "
+)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram", "char"])
+def test_long_documents_are_tokenized_in_pieces_to_the_same_ids(tmp_path, kind):
+    from lmforge.data.prepare import pieces
+    from lmforge.data.tokenizer import train_tokenizer
+
+    long = "".join(f"{i} {LONG_DOCUMENT}" for i in range(40))  # about 5,600 characters
+    docs = [*corpus_docs(40), long, "Short one. " + long[::-1]]
+    tok_cfg = TokenizerConfig(kind=kind, vocab_size=400)
+    tok = train_tokenizer(docs, tok_cfg)
+    parts = list(pieces(long, 300))
+    assert len(parts) > 10 and all(len(p) <= 310 for p, last in parts if not last)
+    assert "".join(p for p, _ in parts) == long and [last for _, last in parts][-1]
+    ids = [i for p, _ in parts for i in tok.encode(p, add_special_tokens=False).ids]
+    assert ids == tok.encode(long, add_special_tokens=False).ids
+
+    if kind in ("bpe", "char"):  # WordPiece and Unigram training vary run to run in tokenizers
+        again = train_tokenizer((p for d in docs for p, _ in pieces(d, 300)), tok_cfg)
+        assert again.to_str() == tok.to_str()
+
+    # the whole preparation with this tokenizer, in pieces of 300 characters and at once
+    tok.save(str(tmp_path / "tok.json"))
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs])
+    runs = []
+    for name, chunk in (("a", 300), ("b", 4 << 20)):
+        cfg = PrepareConfig(
+            source=SourceConfig(kind="jsonl", paths=[str(path)]),
+            tokenizer=TokenizerConfig(kind="file", path=str(tmp_path / "tok.json")),
+            chunk_bytes=chunk,
+            progress=False,
+        )
+        runs.append(prepare(cfg, tmp_path / name))
+    assert runs[0]["splits"] == runs[1]["splits"]
+    for name in ("train.bin", "val.bin", "train.idx", "val.idx"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    got = split_documents(tmp_path / "a", "train") + split_documents(tmp_path / "a", "val")
+    assert tok.encode(long, add_special_tokens=False).ids in got
