@@ -337,3 +337,106 @@ def test_chinese_corpus_prepares_and_trains(tmp_path, kind, train_cfg):
     val = np.fromfile(tmp_path / "zh" / "val.bin", dtype=meta["dtype"]).tolist()
     assert tok.decode(val) == text[int(len(text) * 0.9) :]
     assert metrics["val/loss"] > 0
+
+
+def transformers_style_tokenizer_file(path, docs):
+    """A WordPiece saved as sentence-transformers and BERT files are: padding and truncation to
+    128 and a [CLS] $A [SEP] post-processor."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tok.train_from_iterator(
+        docs, trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials)
+    )
+    cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.enable_padding(pad_id=tok.token_to_id("[PAD]"), pad_token="[PAD]", length=128)
+    tok.enable_truncation(128)
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]",
+        pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", cls), ("[SEP]", sep)],
+    )
+    tok.save(str(path))
+    assert len(Tokenizer.from_file(str(path)).encode("a b").ids) == 128
+    return path
+
+
+def test_tokenizer_file_is_used_without_padding_truncation_or_template(tmp_path):
+    from tokenizers import Tokenizer
+
+    docs = [" ".join(corpus_docs(200)[i : i + 8]) for i in range(0, 160, 8)]  # long documents
+    tok_file = transformers_style_tokenizer_file(tmp_path / "tokenizer.json", docs)
+    words = Tokenizer.from_file(str(tok_file))
+    words.no_padding(), words.no_truncation()
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs])
+    cfg = PrepareConfig(
+        source=SourceConfig(kind="jsonl", paths=[str(path)]),
+        tokenizer=TokenizerConfig(kind="file", path=str(tok_file)),
+        progress=False,
+        val_fraction=0.3,
+    )
+    prepare(cfg, tmp_path / "out")
+    want = {tuple(words.encode(d, add_special_tokens=False).ids) for d in docs}
+    got = [tuple(d) for split in ("train", "val") for d in split_documents(tmp_path / "out", split)]
+    assert set(got) == want and len(got) == len(docs)
+    assert max(len(d) for d in got) > 128
+
+    from lmforge.checkpoint import hf_tokenizer
+    from lmforge.data.classification import ClassificationDataConfig, encode
+
+    cfg = ClassificationDataConfig(train="-", val="-", max_len=64)
+    examples = [("a short text", "x"), (docs[0], "y")]
+    for tok in (load_tokenizer(tok_file), hf_tokenizer(tmp_path)):
+        encoded, counts = encode(examples, ["x", "y"], tok, "bert", cfg, "train")
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        short = words.encode("a short text", add_special_tokens=False).ids
+        assert encoded.ids[0] == [cls, *short, sep]
+        assert encoded.ids[1][0] == cls and encoded.ids[1][-1] == sep
+        assert encoded.ids[1][1:-1] == words.encode(docs[0], add_special_tokens=False).ids[:62]
+        assert counts["truncated"] == 1
+
+
+LONG_DOCUMENT = (
+    "It's the  end\tof days;\n\nthe 2nd   of   May, 1605 —  ‘quoth’ he:  Zebra 鯨 明月光,"
+    " don't     stop!\n  Indented line.\r\nWindows line \t\t tabs  and    runs   of spaces. "
+)
+
+
+@pytest.mark.parametrize("kind", ["bpe", "wordpiece", "unigram", "char"])
+def test_long_documents_are_tokenized_in_pieces_to_the_same_ids(tmp_path, kind):
+    from lmforge.data.prepare import pieces
+    from lmforge.data.tokenizer import train_tokenizer
+
+    long = "".join(f"{i} {LONG_DOCUMENT}" for i in range(40))  # about 5,600 characters
+    docs = [*corpus_docs(40), long, "Short one. " + long[::-1]]
+    tok_cfg = TokenizerConfig(kind=kind, vocab_size=400)
+    tok = train_tokenizer(docs, tok_cfg)
+    parts = list(pieces(long, 300))
+    assert len(parts) > 10 and all(len(p) <= 310 for p, last in parts if not last)
+    assert "".join(p for p, _ in parts) == long and [last for _, last in parts][-1]
+    ids = [i for p, _ in parts for i in tok.encode(p, add_special_tokens=False).ids]
+    assert ids == tok.encode(long, add_special_tokens=False).ids
+
+    if kind in ("bpe", "char"):  # WordPiece and Unigram training vary run to run in tokenizers
+        again = train_tokenizer((p for d in docs for p, _ in pieces(d, 300)), tok_cfg)
+        assert again.to_str() == tok.to_str()
+
+    # the whole preparation with this tokenizer, in pieces of 300 characters and at once
+    tok.save(str(tmp_path / "tok.json"))
+    path = write_jsonl(tmp_path / "c.jsonl", [{"text": d} for d in docs])
+    runs = []
+    for name, chunk in (("a", 300), ("b", 4 << 20)):
+        cfg = PrepareConfig(
+            source=SourceConfig(kind="jsonl", paths=[str(path)]),
+            tokenizer=TokenizerConfig(kind="file", path=str(tmp_path / "tok.json")),
+            chunk_bytes=chunk,
+            progress=False,
+        )
+        runs.append(prepare(cfg, tmp_path / name))
+    assert runs[0]["splits"] == runs[1]["splits"]
+    for name in ("train.bin", "val.bin", "train.idx", "val.idx"):
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes()
+    got = split_documents(tmp_path / "a", "train") + split_documents(tmp_path / "a", "val")
+    assert tok.encode(long, add_special_tokens=False).ids in got

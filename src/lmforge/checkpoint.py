@@ -192,9 +192,12 @@ def local_path(source: str | Path) -> Path:
 
 
 def hf_tokenizer(path: Path) -> Tokenizer | None:
-    """The ``tokenizer.json`` of a transformers directory, if it has one."""
+    """The ``tokenizer.json`` of a transformers directory, if it has one (without the padding,
+    truncation and post-processor the file may carry: lmforge adds special tokens itself)."""
+    from lmforge.data.tokenizer import load_tokenizer
+
     tok_file = path / "tokenizer.json"
-    return Tokenizer.from_file(str(tok_file)) if tok_file.is_file() else None
+    return load_tokenizer(tok_file) if tok_file.is_file() else None
 
 
 @dataclass

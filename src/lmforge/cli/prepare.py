@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import hydra
 from omegaconf import DictConfig
 
@@ -20,7 +23,13 @@ def main(cfg: DictConfig) -> None:
         raise LMForgeError(
             f"data config for {data.dir} has no `prepare` section: nothing to build it from"
         )
-    meta = prepare(data.prepare, data.dir, force=cfg.force)
+    had_set = (Path(data.dir) / "meta.json").is_file()
+    try:
+        meta = prepare(data.prepare, data.dir, force=cfg.force)
+    except KeyboardInterrupt:
+        kept = "the previous set is intact" if had_set else "nothing was written"
+        print(f"stopped by Ctrl-C: {data.dir} is unchanged ({kept})", file=sys.stderr, flush=True)
+        sys.exit(130)
     docs = meta["documents"]
     print(
         f"{data.dir}: vocab {meta['vocab_size']:,} ({meta['dtype']}), {docs['read']:,} documents read, "

@@ -16,8 +16,13 @@ Output directory::
                               what cleaning removed, the sources and their checksums, the settings
 
 The set is built in a temporary directory and swapped in at the end: an interrupted run leaves
-the previous set as it was and never a set that looks complete. Re-running with the same inputs
-(paths, sizes, modification times) and settings does nothing.
+the previous set as it was and never a set that looks complete. Only a directory lmforge wrote
+(or an empty one) is replaced; one holding other files is refused. Re-running with the same
+inputs (paths, sizes, modification times) and settings does nothing.
+
+A document longer than ``chunk_bytes`` is tokenized in pieces of about that size, cut before a
+space that starts a word, where every tokenizer lmforge trains (and GPT-2's) splits anyway: the
+ids are those of the whole document, and memory stays bounded by the piece size.
 """
 
 from __future__ import annotations
@@ -49,6 +54,8 @@ from lmforge.errors import LMForgeError
 from lmforge.files import atomic_write_bytes, staged_dir
 
 META_FORMAT = "lmforge-tokens-v2"
+SET_FILES = re.compile(r"(tokenizer|meta)\.json|(train|val)(_\d{5})?\.bin|(train|val)\.idx")
+WORD_START = re.compile(r" (?=\S)")  # where a long document may be cut: before " word"
 CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f]")  # keeps \t \n \r
 
 
@@ -71,7 +78,7 @@ class PrepareConfig:
     dedup: bool = True  # drop exact duplicates (by content hash)
     append_eot: bool = True  # end every document with <|endoftext|> (or [SEP])
     shard_tokens: int = 1 << 28  # tokens per shard file
-    chunk_bytes: int = 4 << 20  # text per tokenizer batch
+    chunk_bytes: int = 4 << 20  # text per tokenizer batch (a longer document: in pieces)
     progress: bool = True  # a progress bar with MB/s and tokens/s
 
     def __post_init__(self) -> None:
@@ -167,9 +174,11 @@ class ShardWriter:
         self.documents = 0
         self.bytes = 0
 
-    def add(self, ids: np.ndarray, n_bytes: int) -> None:
-        self.doc_starts.append(self.total)
-        self.documents += 1
+    def add(self, ids: np.ndarray, n_bytes: int, new_document: bool = True) -> None:
+        """Append ``ids``: a new document, or (``new_document=False``) more of the last one."""
+        if new_document:
+            self.doc_starts.append(self.total)
+            self.documents += 1
         self.bytes += n_bytes
         self.total += ids.size
         while ids.size:
@@ -267,7 +276,24 @@ def build_tokenizer(cfg: PrepareConfig, sample: Iterator[str] | None) -> Tokeniz
         return load_tokenizer(t.path)
     if t.kind == "gpt2":
         return gpt2_tokenizer(t.path)
-    return train_tokenizer(sample, t)
+    return train_tokenizer((p for text in sample for p, _ in pieces(text, cfg.chunk_bytes)), t)
+
+
+def pieces(text: str, size: int) -> Iterator[tuple[str, bool]]:
+    """Cut ``text`` into pieces of about ``size`` characters (more only where no word starts),
+    each cut just before a space followed by a non-space; yields (piece, is_last).
+
+    A byte-level BPE (GPT-2's pattern), a WordPiece (BERT pre-tokenizer), a Unigram (Metaspace)
+    and the char tokenizer all split there too, so the pieces' ids joined equal the whole text's.
+    """
+    start = 0
+    while len(text) - start > size:
+        cut = WORD_START.search(text, start + size)
+        if cut is None:
+            break
+        yield text[start : cut.start()], False
+        start = cut.start()
+    yield text[start:], True
 
 
 def limit_bytes(texts: Iterator[str], n_bytes: int) -> Iterator[str]:
@@ -306,9 +332,18 @@ def prepare(cfg: PrepareConfig, out_dir: str | Path, force: bool = False) -> dic
     """Prepare the corpus of ``cfg`` into ``out_dir``; returns the metadata. A no-op when up to date."""
     out = Path(out_dir)
     fp = fingerprint(cfg)
+    root = out.resolve()
+    for source in fp["sources"]:
+        path = Path(source["path"]).resolve()
+        if path.exists() and (path == root or root in path.parents):
+            raise LMForgeError(
+                f"the source {source['path']} is inside data.dir={out}, which prepare replaces:"
+                " choose another data.dir"
+            )
     if not force and (meta := up_to_date(out, fp)) is not None:
         return meta
-    with staged_dir(out) as tmp:
+    fix = "choose another data.dir (a new or empty directory)"
+    with staged_dir(out, SET_FILES.fullmatch, fix) as tmp:
         meta = _prepare_into(cfg, tmp, fp)
     return meta
 
@@ -361,29 +396,32 @@ def _prepare_into(cfg: PrepareConfig, out: Path, fp: dict) -> dict:
     progress = Progress(
         cfg.progress, total_source, f"tokenizing {out.name.split('.tmp-')[0].lstrip('.')}"
     )
-    batch: list[tuple[str, bool]] = []
+    batch: list[tuple[str, bool, bool, bool]] = []  # (text, is_val, starts a document, ends it)
     batch_bytes = 0
 
-    def encode(batch: list[tuple[str, bool]]) -> None:
-        encodings = tok.encode_batch_fast([t for t, _ in batch], add_special_tokens=False)
+    def encode(batch: list[tuple[str, bool, bool, bool]]) -> None:
+        encodings = tok.encode_batch_fast([t for t, *_ in batch], add_special_tokens=False)
         n_tok = n_bytes = 0
-        for (text, is_val), enc in zip(batch, encodings):
+        for (text, is_val, first, last), enc in zip(batch, encodings):
             ids = np.asarray(enc.ids, dtype=dtype)
-            if eot is not None:
+            if last and eot is not None:
                 ids = np.append(ids, np.asarray(eot, dtype=dtype))
             nb = len(text.encode("utf-8", "surrogatepass"))
-            writers["val" if is_val else "train"].add(ids, nb)
+            writers["val" if is_val else "train"].add(ids, nb, new_document=first)
             n_tok += ids.size
             n_bytes += nb
         progress.update(stats.bytes_read, n_bytes, n_tok)
 
     try:
         for text, is_val in stream:
-            batch.append((text, is_val))
-            batch_bytes += len(text)
-            if batch_bytes >= cfg.chunk_bytes:
-                encode(batch)
-                batch, batch_bytes = [], 0
+            first = True
+            for piece, last in pieces(text, cfg.chunk_bytes):
+                batch.append((piece, is_val, first, last))
+                batch_bytes += len(piece)
+                first = False
+                if batch_bytes >= cfg.chunk_bytes:
+                    encode(batch)
+                    batch, batch_bytes = [], 0
         if batch:
             encode(batch)
     finally:

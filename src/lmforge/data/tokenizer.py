@@ -147,18 +147,34 @@ def gpt2_tokenizer(folder: str | Path) -> Tokenizer:
     return tok
 
 
+def plain(tok: Tokenizer) -> Tokenizer:
+    """``tok`` with its padding, truncation and post-processor switched off, in place.
+
+    A ``tokenizer.json`` saved by transformers carries its pipeline's settings: sentence-
+    transformers files pad and truncate every encoding to a fixed length, BERT files wrap it in
+    ``[CLS] ... [SEP]``. lmforge adds special tokens itself and never wants a document cut or
+    padded by the tokenizer, so the files are used without them.
+    """
+    tok.no_padding()
+    tok.no_truncation()
+    tok.post_processor = None
+    return tok
+
+
 def load_tokenizer(path: str | Path) -> Tokenizer:
+    """The tokenizer of a ``tokenizer.json``, made :func:`plain`."""
     path = Path(path)
     if not path.is_file():
         raise LMForgeError(
             f"tokenizer file {path} not found: prepare the data first (lmforge-prepare)"
         )
     try:
-        return Tokenizer.from_file(str(path))
+        tok = Tokenizer.from_file(str(path))
     except Exception as e:
         raise LMForgeError(
             f"{path} is not a tokenizer.json of Hugging Face tokenizers ({e})"
         ) from None
+    return plain(tok)
 
 
 def document_separator(tok: Tokenizer) -> int | None:

@@ -10,6 +10,10 @@ import torch
 from lmforge.errors import LMForgeError
 from lmforge.files import staged_dir
 
+EXPORT_FILES = frozenset(
+    {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
+)  # what write_hf_dir writes
+
 
 def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The ``config.json`` and the state dict of a ``save_pretrained`` directory."""
@@ -50,11 +54,14 @@ def write_hf_dir(
     tokenizer=None,
     tokenizer_config: dict | None = None,
 ) -> Path:
-    """Write config.json, model.safetensors and tokenizer files into ``out`` (built aside, then renamed)."""
+    """Write config.json, model.safetensors and tokenizer files into ``out`` (built aside, then
+    renamed); an existing ``out`` is replaced only when it is an export of lmforge (or empty)."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    with staged_dir(out) as tmp:
+    with staged_dir(
+        out, EXPORT_FILES.__contains__, "choose another output directory (a new or empty one)"
+    ) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
         save_file(
             {k: v.detach().contiguous().cpu() for k, v in state.items()},
