@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "src"))
 from lmforge.data.datasets import RandomWindows, open_split  # noqa: E402
 from lmforge.models.gpt import GPTConfig  # noqa: E402
 from lmforge.tasks.causal_lm import CausalLMTask  # noqa: E402
+from lmforge.tasks.config import CausalLMConfig  # noqa: E402
 from lmforge.tasks.optim import OptimConfig, lr_at  # noqa: E402
 from shakespeare import prepare_shakespeare_char  # noqa: E402
 
@@ -124,8 +125,8 @@ def main() -> None:
     optim = OptimConfig(lr=1e-3, min_lr=1e-4, warmup_steps=10)
     total = args.steps + args.warmup + 1
     torch.manual_seed(0)
-    lit_task = CausalLMTask(model_cfg, optim)
-    bare_task = CausalLMTask(model_cfg, optim)
+    lit_task = CausalLMTask(model_cfg, CausalLMConfig(optim=optim))
+    bare_task = CausalLMTask(model_cfg, CausalLMConfig(optim=optim))
     bare_task.model.load_state_dict(lit_task.model.state_dict())
     bare_task.model.to(device)
     shards = open_split(work / "data", "train")

@@ -53,9 +53,9 @@ def step_fn(model, vocab: int, mask_prob: float = 0.15):
 
     def step(ids: torch.Tensor) -> torch.Tensor:
         if is_bert:
-            hidden = model(ids)
+            hidden = model.hidden(ids)
             selected = torch.rand(ids.shape, device=ids.device) < mask_prob
-            logits = model.mlm_logits(hidden, selected)
+            logits = model.lm_logits(hidden, selected)
             return F.cross_entropy(logits.float(), ids[selected])
         logits = model(ids[:, :-1])
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), ids[:, 1:].reshape(-1))

@@ -60,7 +60,7 @@ def test_import_matches_transformers_logits_with_padding(tmp_path):
     ids, mask, types = inputs()
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
-        got = ours.mlm_logits(ours(ids, mask, types))
+        got = ours(ids, mask, types)
     assert got.shape == expected.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert ours.mlm_head.decoder.weight is ours.tok_emb.weight
@@ -74,9 +74,11 @@ def test_import_bare_bert_model_hidden_states(tmp_path):
     ids, mask, types = inputs()
     with torch.no_grad():
         out = ref(input_ids=ids, attention_mask=mask, token_type_ids=types)
-        hidden = ours(ids, mask, types)
+        hidden = ours.hidden(ids, mask, types)
     torch.testing.assert_close(hidden, out.last_hidden_state, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(ours.pooled(hidden), out.pooler_output, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        ours.sequence_features(hidden), out.pooler_output, rtol=1e-5, atol=1e-5
+    )
 
 
 def test_export_loads_in_transformers_with_equal_logits(tmp_path):
@@ -89,13 +91,11 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
     ref = transformers.BertForMaskedLM.from_pretrained(tmp_path / "export").eval()
     ids, mask, types = inputs()
     with torch.no_grad():
-        expected = ours.mlm_logits(ours(ids, mask, types))
+        expected = ours(ids, mask, types)
         got = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     again = load_hf_bert(tmp_path / "export")  # and back
-    torch.testing.assert_close(
-        again.mlm_logits(again(ids, mask, types)), expected, rtol=1e-6, atol=1e-6
-    )
+    torch.testing.assert_close(again(ids, mask, types), expected, rtol=1e-6, atol=1e-6)
 
 
 def test_sparse_prediction_equals_dense_logits_at_masked_positions():
@@ -105,9 +105,9 @@ def test_sparse_prediction_equals_dense_logits_at_masked_positions():
     ).eval()
     ids = torch.randint(0, 70, (2, 16))
     positions = torch.rand(2, 16) < 0.3
-    hidden = model(ids)
+    hidden = model.hidden(ids)
     torch.testing.assert_close(
-        model.mlm_logits(hidden, positions), model.mlm_logits(hidden)[positions]
+        model.lm_logits(hidden, positions), model.lm_logits(hidden)[positions]
     )
 
 
@@ -273,7 +273,7 @@ def test_mlm_batches_from_prepared_shards(train_cfg, tmp_path):
     from lmforge.data.datamodule import TokenDataModule
 
     typed = validate(cfg)
-    dm = TokenDataModule(typed.data, seed=1, masking=typed.task["masking"])
+    dm = TokenDataModule(typed.data, seed=1, masking=typed.task.masking)
     dm.setup("fit")
     batch = dm.train_set.batch(0)
     cls_id, sep_id = dm.tokenizer.token_to_id("[CLS]"), dm.tokenizer.token_to_id("[SEP]")

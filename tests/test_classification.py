@@ -173,15 +173,16 @@ def test_a_classifier_needs_a_pretrained_model(tmp_path):
     from .conftest import compose_train
 
     cfg = compose_train(["experiment=finetune_sms_spam_gpt", "init_from=null"], tmp_path)
-    with pytest.raises(LMForgeError, match="classification fine-tunes a pretrained model"):
+    with pytest.raises(LMForgeError, match="task=classification fine-tunes a pretrained model"):
         train(cfg)
 
 
 def test_train_last_blocks_freezes_the_rest():
     from lmforge.tasks.classification import ClassificationTask
+    from lmforge.tasks.config import ClassificationConfig
 
     model = {"vocab_size": 50, "block_size": 16, "n_layer": 3, "n_head": 2, "n_embd": 16}
-    task = ClassificationTask(model, "gpt", ["a", "b"], train_last_blocks=1)
+    task = ClassificationTask(model, "gpt", ["a", "b"], ClassificationConfig(train_last_blocks=1))
     trainable = {
         n.split(".")[0] + "." + n.split(".")[1]
         for n, p in task.named_parameters()

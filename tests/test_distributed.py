@@ -171,10 +171,10 @@ def test_two_rank_validation_equals_one_rank(gpt_runs):
 def test_consolidated_fsdp_checkpoint_gives_the_sharded_models_outputs(gpt_runs):
     """The validation loss the two FSDP ranks reported, recomputed by the plain model loaded
     from the consolidated file, on one process."""
-    from lmforge.checkpoint import load_gpt
+    from lmforge.checkpoint import load_model
 
     runs, _, _ = gpt_runs
-    model, _ = load_gpt(consolidate(runs / "fsdp" / "checkpoints" / "last.ckpt"))
+    model = load_model(consolidate(runs / "fsdp" / "checkpoints" / "last.ckpt")).model
     data_dir = runs.parent / "data"
     windows = SequentialWindows(open_split(data_dir, "val"), 32, max_windows=45)
     x = torch.stack([windows[i][0] for i in range(len(windows))])
@@ -263,3 +263,96 @@ def test_multirun_with_ddp_refuses_at_start(tmp_path, corpus):
     assert proc.returncode == 2
     assert "-m (multirun) cannot drive a 2-process strategy" in proc.stderr
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
+
+
+@pytest.fixture(scope="module")
+def finetune_runs(tmp_path_factory, corpus):
+    """A gpt-nano pretrained in this process, then classification and instruction tuning from
+    it: one process of batch 8, 2 DDP ranks of 4, 2 FSDP ranks of 4, dropout off (dropout
+    masks are drawn per rank)."""
+    import json
+
+    from lmforge.cli.train import train
+
+    from .conftest import compose_train
+
+    root = tmp_path_factory.mktemp("finetune")
+    pre = compose_train(
+        [
+            "model=gpt-nano",
+            "model.block_size=128",
+            f"data.dir={root}/data",
+            f"data.prepare.source.paths=[{corpus}]",
+            "trainer.max_steps=4",
+            "logger=csv",
+            "callbacks=none",
+        ],
+        root / "pre",
+    )
+    train(pre)
+    init = Path(pre.paths.output_dir) / "checkpoints" / "last.ckpt"
+    sms = ROOT / "data" / "sms_spam"
+    splits = {}
+    for name, n in (("train", 60), ("val", 21), ("test", 21)):  # 60 = 7 x 8 + 4: a short batch
+        lines = (sms / f"{name}.tsv").read_text(encoding="utf-8").splitlines()[: n + 1]
+        splits[name] = root / f"{name}.tsv"
+        splits[name].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    records = json.loads((ROOT / "data" / "instructions" / "train.json").read_text())
+    (root / "itrain.json").write_text(json.dumps(records[:44]))
+    (root / "ival.json").write_text(json.dumps(records[44:55]))  # 11: ranks get 6 and 5 (+1 blank)
+    common = [
+        f"init_from={init}",
+        "model.dropout=0.0",
+        "trainer.max_epochs=1",
+        "callbacks.progress_bar=null",
+    ]
+    cls = [
+        "experiment=finetune_sms_spam_gpt",
+        *common,
+        f"data.train={splits['train']}",
+        f"data.val={splits['val']}",
+        f"data.test={splits['test']}",
+        "data.max_len=32",
+        "data.val_batch_size=4",
+        "data.on_empty=skip",
+    ]
+    ins = [
+        "experiment=instruct_gpt",
+        *common,
+        f"data.train={root / 'itrain.json'}",
+        f"data.val={root / 'ival.json'}",
+        "data.max_len=128",
+        "data.val_batch_size=4",
+        "data.sample_prompts=1",
+        "task.max_new_tokens=4",
+        "data.prompt='{instruction} {input}: '",
+        "data.prompt_no_input='{instruction}: '",
+    ]
+    logs = root / "logs"
+    for args in (cls, ins):
+        ok(run_train(logs, "single", *args, "trainer=cpu", "data.batch_size=8"))
+        ok(run_train(logs, "ddp", *args, "trainer=ddp_cpu", "data.batch_size=4"))
+        ok(run_train(logs, "fsdp", *args, "trainer=fsdp_cpu", "data.batch_size=4"))
+    return logs
+
+
+def last_metric(run_dir: Path, key: str) -> float:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return float([r for r in csv.DictReader(f) if r.get(key)][-1][key])
+
+
+@pytest.mark.parametrize("task", ["classification", "instruction"])
+def test_fine_tuning_on_ddp_and_fsdp_matches_one_process(finetune_runs, task):
+    """2 ranks of batch 4 train on the examples one process of batch 8 does, step by step (the
+    last, short global batch too), and validate each example once."""
+    runs = finetune_runs / task
+    single = load_checkpoint(runs / "single" / "checkpoints" / "last.ckpt")
+    assert single["global_step"] >= 5
+    for strategy in ("ddp", "fsdp"):
+        state = load_checkpoint(runs / strategy / "checkpoints" / "last.ckpt")
+        assert state["global_step"] == single["global_step"]
+        assert_close(state["state_dict"], single["state_dict"])
+        for key in ("val/acc", "test/acc") if task == "classification" else ("val/loss",):
+            assert last_metric(runs / strategy, key) == pytest.approx(
+                last_metric(runs / "single", key), abs=1e-5
+            ), (strategy, key)

@@ -4,7 +4,7 @@ import pytest
 import torch
 import transformers
 
-from lmforge.checkpoint import load_gpt
+from lmforge.checkpoint import load_model
 from lmforge.errors import LMForgeError
 from lmforge.interop.hf_gpt2 import export_hf_gpt2, load_hf_gpt2
 from lmforge.models.gpt import GPT, GPTConfig
@@ -97,13 +97,13 @@ def test_foreign_or_corrupt_checkpoints_are_refused(tmp_path):
     )
     transformers.BertModel(bert).save_pretrained(tmp_path / "bert")
     with pytest.raises(LMForgeError, match="model_type 'bert' is not gpt2"):
-        load_gpt(tmp_path / "bert")
+        load_model(tmp_path / "bert")
     hf_config().save_pretrained(tmp_path / "cut")
     (tmp_path / "cut" / "model.safetensors").write_bytes(b"\x10")
     with pytest.raises(
         LMForgeError, match="model.safetensors cannot be read .* corrupt or truncated"
     ):
-        load_gpt(tmp_path / "cut")
+        load_model(tmp_path / "cut")
 
 
 def test_trained_checkpoint_exports_with_its_tokenizer(train_cfg, tmp_path):
@@ -116,7 +116,8 @@ def test_trained_checkpoint_exports_with_its_tokenizer(train_cfg, tmp_path):
     assert export_main([ckpt, str(tmp_path / "hf")]) == 0
     ref = transformers.GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
     tok = transformers.PreTrainedTokenizerFast.from_pretrained(tmp_path / "hf")
-    ours, our_tok = load_gpt(ckpt)
+    loaded = load_model(ckpt)
+    ours, our_tok = loaded.model, loaded.tokenizer
     text = "ROMEO: wherefore"
     assert tok(text).input_ids == our_tok.encode(text).ids
     x = torch.tensor([our_tok.encode(text).ids])
@@ -146,7 +147,7 @@ def test_training_starts_from_an_imported_gpt2(train_cfg, tmp_path):
     probe = train_cfg("trainer.max_steps=1", "logger=csv", "callbacks.text_samples=null")
     probe.paths.output_dir = str(tmp_path / "probe")
     train(probe)  # prepares the data; its tokenizer sets the vocabulary
-    vocab = load_gpt(f"{probe.paths.output_dir}/checkpoints/last.ckpt")[0].config.vocab_size
+    vocab = load_model(f"{probe.paths.output_dir}/checkpoints/last.ckpt").model.config.vocab_size
     ref = transformers.GPT2LMHeadModel(
         transformers.GPT2Config(vocab_size=vocab, n_positions=32, n_embd=48, n_layer=3, n_head=3)
     )
@@ -162,7 +163,7 @@ def test_training_starts_from_an_imported_gpt2(train_cfg, tmp_path):
         "callbacks.text_samples=null",
     )
     train(cfg)
-    trained, _ = load_gpt(f"{cfg.paths.output_dir}/checkpoints/last.ckpt")
+    trained = load_model(f"{cfg.paths.output_dir}/checkpoints/last.ckpt").model
     assert (trained.config.n_layer, trained.config.n_embd) == (3, 48)  # GPT-2's, not gpt-nano's
     x = torch.randint(0, vocab, (2, 16))
     with torch.no_grad():
@@ -173,4 +174,4 @@ def test_hub_name_when_offline_is_one_clear_error(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_HOME", str(tmp_path))
     with pytest.raises(LMForgeError, match="gpt2 is not a file or directory here, and fetching it"):
-        load_gpt("gpt2")
+        load_model("gpt2")

@@ -90,14 +90,14 @@ def test_bad_records_are_refused_or_counted(tok):
 
 
 def test_an_instruction_checkpoint_with_adapters_loads_merged(tmp_path):
-    """load_gpt (lmforge-generate, -eval, -export) folds LoRA adapters into the weights."""
-    from lmforge.checkpoint import load_gpt
+    """load_model (lmforge-generate, -eval, -export) folds LoRA adapters into the weights."""
+    from lmforge.checkpoint import load_model
     from lmforge.models.lora import LoRALinear
     from lmforge.tasks.instruction import InstructionTask
 
     torch.manual_seed(0)
     model = {"vocab_size": 40, "block_size": 16, "n_layer": 2, "n_head": 2, "n_embd": 16}
-    task = InstructionTask(model, lora={"rank": 4}).eval()
+    task = InstructionTask(model, {"lora": {"rank": 4}}).eval()
     with torch.no_grad():
         for m in task.modules():
             if isinstance(m, LoRALinear):
@@ -106,7 +106,7 @@ def test_an_instruction_checkpoint_with_adapters_loads_merged(tmp_path):
         {"hyper_parameters": dict(task.hparams), "state_dict": task.state_dict()},
         tmp_path / "i.ckpt",
     )
-    merged, _ = load_gpt(tmp_path / "i.ckpt")
+    merged = load_model(tmp_path / "i.ckpt").model
     assert not any(isinstance(m, LoRALinear) for m in merged.modules())
     x = torch.randint(0, 40, (2, 12))
     with torch.no_grad():

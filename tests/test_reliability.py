@@ -325,7 +325,7 @@ def test_full_disk_while_saving_keeps_the_earlier_checkpoints(gpt):
 
 
 def test_corrupt_checkpoint_is_refused_in_one_line(train_cfg, tmp_path):
-    from lmforge.checkpoint import load_gpt
+    from lmforge.checkpoint import load_model
 
     bad = tmp_path / "bad.ckpt"
     bad.write_bytes(b"PK\x03\x04 not really a checkpoint")
@@ -338,4 +338,4 @@ def test_corrupt_checkpoint_is_refused_in_one_line(train_cfg, tmp_path):
     with pytest.raises(
         LMForgeError, match="cannot be read .* corrupt or not an lmforge checkpoint"
     ):
-        load_gpt(bad)
+        load_model(bad)

@@ -70,8 +70,11 @@ def shard(
     bf16: bool,
     cpu_offload: bool = False,
     reshard_after_forward: bool = True,
+    heads: list[nn.Module] | tuple = (),
 ) -> None:
-    """Apply ``fully_shard`` to each of ``blocks``, then to ``model``, in place."""
+    """Apply ``fully_shard`` to each of ``blocks``, then to ``model``, then to each of
+    ``heads`` (a task's own modules outside the model, such as a classifier's linear head, whose
+    gradients must be reduced over the ranks like the model's), in place."""
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
 
     # The GPT returns its logits as a slice (padded vocabulary rows dropped); FSDP warns about
@@ -90,3 +93,5 @@ def shard(
     # The root gathers the embeddings and head; after the forward it keeps them for the backward
     # (the head runs last, so resharding would gather them again at once).
     fully_shard(model, **(options | {"reshard_after_forward": False}))
+    for head in heads:
+        fully_shard(head, **(options | {"reshard_after_forward": False}))

@@ -16,26 +16,14 @@ import argparse
 import sys
 
 from lmforge.cli import reports_errors
-from lmforge.errors import LMForgeError
 
 
 def export(checkpoint: str, out: str) -> str:
-    from lmforge.checkpoint import load_checkpoint, load_gpt
+    """Write ``checkpoint`` as a transformers directory of its family (recorded in it)."""
+    from lmforge.checkpoint import load_model
 
-    ckpt = load_checkpoint(checkpoint)
-    hparams = ckpt.get("hyper_parameters", {})
-    if "model" not in hparams:
-        raise LMForgeError(f"{checkpoint} is not a checkpoint of lmforge-train (no model config)")
-    if "masking" in hparams:  # masked-LM pretraining: a BERT
-        from lmforge.checkpoint import load_bert
-        from lmforge.interop.hf_bert import export_hf_bert
-
-        model, tokenizer = load_bert(checkpoint)
-        return str(export_hf_bert(model, out, tokenizer))
-    from lmforge.interop.hf_gpt2 import export_hf_gpt2
-
-    model, tokenizer = load_gpt(checkpoint)
-    return str(export_hf_gpt2(model, out, tokenizer))
+    loaded = load_model(checkpoint)
+    return str(loaded.family.export_hf(loaded.model, out, loaded.tokenizer))
 
 
 @reports_errors

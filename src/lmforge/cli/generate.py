@@ -20,11 +20,12 @@ def load_model_and_tokenizer(ckpt_path, tokenizer_path):
     """The GPT and tokenizer of ``ckpt_path``; ``tokenizer_path`` for checkpoints without one."""
     from tokenizers import Tokenizer
 
-    from lmforge.checkpoint import load_gpt
+    from lmforge.checkpoint import load_model
 
     if ckpt_path is None:
         raise LMForgeError("no checkpoint given: pass ckpt_path=<run dir>/checkpoints/last.ckpt")
-    model, tok = load_gpt(ckpt_path)
+    loaded = load_model(ckpt_path, causal=True, what="generating and scoring text")
+    model, tok = loaded.model, loaded.tokenizer
     if tokenizer_path is not None:
         if not Path(tokenizer_path).is_file():
             raise LMForgeError(f"tokenizer={tokenizer_path}: no such file")

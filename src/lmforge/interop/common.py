@@ -15,6 +15,12 @@ EXPORT_FILES = frozenset(
 )  # what write_hf_dir writes
 
 
+def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
+    """``t`` with zero rows appended up to ``rows`` (a vocabulary padded to a multiple of 64);
+    the padded rows are never read, and exports cut them off again."""
+    return torch.cat([t, t.new_zeros(rows - t.size(0), *t.shape[1:])]) if t.size(0) < rows else t
+
+
 def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     """The ``config.json`` and the state dict of a ``save_pretrained`` directory."""
     path = Path(path)

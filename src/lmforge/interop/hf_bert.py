@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LMForgeError
-from lmforge.interop.common import read_hf_dir, write_hf_dir
+from lmforge.interop.common import pad_rows, read_hf_dir, write_hf_dir
 from lmforge.models.bert import Bert, BertConfig
 
 ACTIVATIONS = {"gelu": "none", "gelu_new": "tanh", "gelu_pytorch_tanh": "tanh"}
@@ -108,10 +108,6 @@ def _pairs(c: BertConfig) -> list[tuple[str, str]]:
     return pairs
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat([t, t.new_zeros(rows - t.size(0), *t.shape[1:])]) if t.size(0) < rows else t
-
-
 def load_hf_bert(path: str | Path) -> Bert:
     """Our Bert with the weights of a transformers BERT directory (MLM head and pooler when present)."""
     hf_config, state = read_hf_dir(path)
@@ -124,7 +120,7 @@ def load_hf_bert(path: str | Path) -> Bert:
     for a, b in _pairs(c):
         if b in state:
             new[a] = (
-                _pad_rows(state[b], ours[a].size(0))
+                pad_rows(state[b], ours[a].size(0))
                 if a in ("tok_emb.weight", "mlm_head.bias")
                 else state[b]
             )

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from lmforge.errors import LMForgeError
-from lmforge.interop.common import read_hf_dir, write_hf_dir
+from lmforge.interop.common import pad_rows, read_hf_dir, write_hf_dir
 from lmforge.models.gpt import GPT, GPTConfig
 
 ACTIVATIONS = {"gelu_new": "tanh", "gelu_pytorch_tanh": "tanh", "gelu": "none"}
@@ -98,10 +98,6 @@ def config_to_hf(c: GPTConfig) -> dict:
     }
 
 
-def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
-    return torch.cat([t, t.new_zeros(rows - t.size(0), *t.shape[1:])]) if t.size(0) < rows else t
-
-
 def gpt_from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> GPT:
     """Our GPT (eval mode) with the weights of a transformers GPT-2 state dict."""
     c = config_from_hf(hf_config)
@@ -110,7 +106,7 @@ def gpt_from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> GPT:
     model = GPT(c)
     ours = model.state_dict()
     new = {
-        "tok_emb.weight": _pad_rows(state["transformer.wte.weight"], c.padded_vocab_size),
+        "tok_emb.weight": pad_rows(state["transformer.wte.weight"], c.padded_vocab_size),
         "pos_emb.weight": state["transformer.wpe.weight"],
         "ln_f.weight": state["transformer.ln_f.weight"],
         "ln_f.bias": state["transformer.ln_f.bias"],
@@ -122,7 +118,7 @@ def gpt_from_hf(hf_config: dict, state: dict[str, torch.Tensor]) -> GPT:
     if c.tie_weights:
         new["lm_head.weight"] = new["tok_emb.weight"]
     elif "lm_head.weight" in state:
-        new["lm_head.weight"] = _pad_rows(state["lm_head.weight"], c.padded_vocab_size)
+        new["lm_head.weight"] = pad_rows(state["lm_head.weight"], c.padded_vocab_size)
     missing = [k for k in ours if k not in new]
     if missing:
         raise LMForgeError(f"the checkpoint lacks weights for {', '.join(missing[:3])}")

@@ -146,6 +146,32 @@ class LMTask(L.LightningModule):
         ``ckpt_path``: the checkpoint the run resumes from, if any."""
         raise NotImplementedError
 
+    @classmethod
+    def pretraining_recipe(cls, run, ckpt_path: str | None, dm) -> Recipe:
+        """The recipe of a pretraining task on the token data module ``dm``: a model of the
+        ``model`` config (vocabulary from the tokenizer) or of ``init_from``."""
+        from lmforge.run import initial_model, pretraining_model
+
+        dm.prepare_data()
+        model_cfg = pretraining_model(run, dm.meta["vocab_size"])
+        initial = initial_model(run, model_cfg, dm, ckpt_path)
+        module = cls(initial.config if initial else model_cfg, run.task, run.cfg.seed)
+        if initial is not None:
+            module.model.load_state_dict(initial.state_dict())
+        return Recipe(
+            module,
+            dm,
+            module.model.config,
+            batch_size=run.data.batch_size,
+            seq_len=run.data.seq_len,
+            global_batch_tokens=run.data.global_batch_tokens,
+        )
+
+    def trained_share(self) -> str:
+        """'N of M parameters trained', for the start of a fine-tune."""
+        trained = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        return f"{trained:,} of {sum(p.numel() for p in self.parameters()):,} parameters trained"
+
     def step_loss(self, loss_sum: torch.Tensor, n_tokens: torch.Tensor, scale: int) -> torch.Tensor:
         """The loss to back-propagate for one micro-batch (see ``StepTokens``)."""
         return self.step_tokens.add(loss_sum, n_tokens, scale)
@@ -195,6 +221,11 @@ class LMTask(L.LightningModule):
                 bf16=str(self.trainer.precision).startswith("bf16"),
                 cpu_offload=getattr(strategy, "cpu_offload", False),
                 reshard_after_forward=getattr(strategy, "reshard_after_forward", True),
+                heads=[
+                    m
+                    for m in self.children()
+                    if m is not self.model and any(p.requires_grad for p in m.parameters())
+                ],
             )
         elif compile_model:
             self.model.compile()

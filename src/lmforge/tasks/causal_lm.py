@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from lmforge.data.datamodule import TokenDataModule
-from lmforge.run import initial_model, pretraining_model
 from lmforge.tasks.base import LMTask, Recipe, token_loss
 from lmforge.tasks.config import CausalLMConfig
 
@@ -24,20 +23,7 @@ class CausalLMTask(LMTask):
     @classmethod
     def recipe(cls, run, ckpt_path: str | None) -> Recipe:
         dm = TokenDataModule(run.data, seed=run.cfg.seed)
-        dm.prepare_data()
-        model_cfg = pretraining_model(run, dm.meta["vocab_size"])
-        initial = initial_model(run, model_cfg, dm, ckpt_path)
-        module = cls(initial.config if initial else model_cfg, run.task, run.cfg.seed)
-        if initial is not None:
-            module.model.load_state_dict(initial.state_dict())
-        return Recipe(
-            module,
-            dm,
-            module.model.config,
-            batch_size=run.data.batch_size,
-            seq_len=run.data.seq_len,
-            global_batch_tokens=run.data.global_batch_tokens,
-        )
+        return cls.pretraining_recipe(run, ckpt_path, dm)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)

@@ -81,11 +81,7 @@ class ClassificationTask(LMTask):
         weights = dm.class_weights().tolist() if run.data.balance == "weights" else None
         module = cls(config, loaded.family.name, dm.labels, run.task, run.cfg.seed, weights)
         module.load_backbone(loaded.model.state_dict())
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        rank_zero_info(
-            f"classifier: labels {dm.labels}; {trainable:,} of"
-            f" {sum(p.numel() for p in module.parameters()):,} parameters trained"
-        )
+        rank_zero_info(f"classifier: labels {dm.labels}; {module.trained_share()}")
         return Recipe(
             module,
             dm,

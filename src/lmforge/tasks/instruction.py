@@ -52,11 +52,7 @@ class InstructionTask(LMTask):
         module.sample_prompts = [
             render_prompt(r, run.data) for r in dm.val_records[: run.data.sample_prompts]
         ]
-        trainable = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        rank_zero_info(
-            f"instruction tuning: {trainable:,} of"
-            f" {sum(p.numel() for p in module.parameters()):,} parameters trained"
-        )
+        rank_zero_info(f"instruction tuning: {module.trained_share()}")
         # Metric states made under inference mode could not be updated in the fit's
         # validations, so evaluation runs under no_grad.
         return Recipe(

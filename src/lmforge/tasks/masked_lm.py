@@ -6,7 +6,6 @@ import torch
 from torchmetrics.aggregation import MeanMetric
 
 from lmforge.data.datamodule import TokenDataModule
-from lmforge.run import initial_model, pretraining_model
 from lmforge.tasks.base import LMTask, Recipe, token_loss
 from lmforge.tasks.config import MaskedLMConfig
 
@@ -34,20 +33,7 @@ class MaskedLMTask(LMTask):
     @classmethod
     def recipe(cls, run, ckpt_path: str | None) -> Recipe:
         dm = TokenDataModule(run.data, seed=run.cfg.seed, masking=run.task.masking)
-        dm.prepare_data()
-        model_cfg = pretraining_model(run, dm.meta["vocab_size"])
-        initial = initial_model(run, model_cfg, dm, ckpt_path)
-        module = cls(initial.config if initial else model_cfg, run.task, run.cfg.seed)
-        if initial is not None:
-            module.model.load_state_dict(initial.state_dict())
-        return Recipe(
-            module,
-            dm,
-            module.model.config,
-            batch_size=run.data.batch_size,
-            seq_len=run.data.seq_len,
-            global_batch_tokens=run.data.global_batch_tokens,
-        )
+        return cls.pretraining_recipe(run, ckpt_path, dm)
 
     def mlm_loss(self, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(summed loss, masked-token count, correct predictions) of a batch."""
