@@ -8,16 +8,23 @@ Dropout is on, so the random-number streams must continue exactly too.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import os
 import random
 import resource
+import shutil
 import signal
+import struct
 import subprocess
 import sys
 import time
+import zipfile
+from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
+import lightning as L
 import pytest
 import torch
 
@@ -25,6 +32,7 @@ from lmforge.checkpoint import find_resume, load_checkpoint
 from lmforge.cli.train import train
 from lmforge.errors import LMForgeError
 from lmforge.tasks.causal_lm import CausalLMTask
+from lmforge.tasks.config import CausalLMConfig
 
 from .conftest import ROOT, SHAKESPEARE, wandb_records, wandb_values
 
@@ -182,7 +190,7 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(train_cfg, tmp_p
         data = (ckpts / name).read_bytes()
         (ckpts / name).write_bytes(data[: len(data) // 2])
     with pytest.warns(UserWarning, match="incomplete or corrupt"):
-        path, step = find_resume(ckpts)
+        path, step = find_resume(ckpts, set_aside_corrupt=False)
     assert (path.name, step) == ("step000020.ckpt", 20)
     with pytest.warns(UserWarning, match="incomplete or corrupt"):
         train(tiny(train_cfg, "trainer.max_steps=40", "resume=auto"))
@@ -339,3 +347,137 @@ def test_corrupt_checkpoint_is_refused_in_one_line(train_cfg, tmp_path):
         LMForgeError, match="cannot be read .* corrupt or not an lmforge checkpoint"
     ):
         load_model(bad)
+
+
+class RecordSaves(L.Callback):
+    """Notes the optimizer step and the micro-batches processed at every checkpoint saved."""
+
+    saves: list[tuple[int, int]] = []
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        processed = trainer.fit_loop.epoch_loop.batch_progress.total.processed
+        RecordSaves.saves.append((trainer.global_step, processed))
+
+
+def test_checkpoints_are_taken_at_optimizer_step_boundaries_once(train_cfg):
+    """With gradient accumulation the first micro-batches of a resumed run end with the step
+    counter still at the resumed step: nothing may be saved there (Lightning saved that
+    half-accumulated state as step000020-v1.ckpt and last.ckpt, which the next resume took)."""
+    accumulate = (
+        "trainer.accumulate_grad_batches=3",
+        f"+callbacks.saves._target_={__name__}.RecordSaves",
+    )
+    train(tiny(train_cfg, "trainer.max_steps=20", *accumulate))
+    RecordSaves.saves = []
+    train(tiny(train_cfg, "trainer.max_steps=30", "resume=auto", *accumulate))
+    assert all(processed == 3 * step for step, processed in RecordSaves.saves)
+    assert [step for step, _ in RecordSaves.saves] == [30, 30]  # step000030.ckpt, last.ckpt
+    ckpts = Path(tiny(train_cfg).paths.output_dir) / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == [
+        "last.ckpt",
+        "step000020.ckpt",
+        "step000030.ckpt",
+    ]
+
+
+def zero_inside_a_tensor(path: Path, n: int = 4000) -> None:
+    """Zero ``n`` bytes in the middle of a checkpoint's largest tensor record; the zip structure
+    (and so torch.load) stays intact."""
+    with zipfile.ZipFile(path) as archive:
+        record = max(archive.infolist(), key=lambda r: r.file_size)
+    data = bytearray(path.read_bytes())
+    header = record.header_offset
+    name_len, extra_len = struct.unpack("<HH", data[header + 26 : header + 30])
+    start = header + 30 + name_len + extra_len + (record.file_size - n) // 2
+    data[start : start + n] = bytes(n)
+    path.write_bytes(data)
+
+
+def test_damaged_checkpoint_is_detected_set_aside_and_retention_holds(train_cfg):
+    train(tiny(train_cfg, "trainer.max_steps=20"))
+    ckpts = Path(tiny(train_cfg).paths.output_dir) / "checkpoints"
+    for name in ("step000020.ckpt", "last.ckpt"):
+        zero_inside_a_tensor(ckpts / name)
+    assert torch.load(ckpts / "last.ckpt", weights_only=True)["global_step"] == 20  # unnoticed
+    with pytest.raises(LMForgeError, match=r"cannot be read \(record .* fails its CRC-32 check\)"):
+        load_checkpoint(ckpts / "last.ckpt")
+    with pytest.raises(LMForgeError, match="last.ckpt: the checkpoint is incomplete or corrupt"):
+        train(tiny(train_cfg, f"resume={ckpts / 'last.ckpt'}"))
+    with pytest.warns(UserWarning, match=r"step000020.ckpt is .* corrupt.*renamed to .*\.corrupt"):
+        train(tiny(train_cfg, "trainer.max_steps=40", "resume=auto"))  # from step 10
+    assert sorted(p.name for p in ckpts.iterdir()) == [
+        "last.ckpt",
+        "last.ckpt.corrupt",  # set aside, never deleted
+        "step000020.ckpt.corrupt",
+        "step000030.ckpt",  # save_top_k=2, the resumed-from step000010.ckpt included
+        "step000040.ckpt",
+    ]
+    assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 40
+
+
+def test_a_moved_run_directory_resumes_into_its_own_files(train_cfg, tmp_path):
+    """Lightning forgets the checkpoint paths of another directory: last-v1.ckpt beside a stale
+    last.ckpt, and the old step files never removed."""
+    train(tiny(train_cfg, "trainer.max_steps=20"))
+    moved = tmp_path / "moved"
+    shutil.copytree(tiny(train_cfg).paths.output_dir, moved)
+    cfg = tiny(train_cfg, "trainer.max_steps=40", "resume=auto")
+    cfg.paths.output_dir = str(moved)
+    train(cfg)
+    ckpts = moved / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("*.ckpt")) == [
+        "last.ckpt",
+        "step000030.ckpt",
+        "step000040.ckpt",
+    ]
+    assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 40
+
+
+def test_resume_auto_stops_when_no_checkpoint_can_be_read(train_cfg):
+    train(tiny(train_cfg, "trainer.max_steps=20"))
+    ckpts = Path(tiny(train_cfg).paths.output_dir) / "checkpoints"
+    for path in ckpts.glob("*.ckpt"):
+        path.write_bytes(path.read_bytes()[:1000])
+    for _ in range(2):  # again once the files are set aside as *.corrupt
+        with (
+            pytest.warns(UserWarning) if any(ckpts.glob("*.ckpt")) else contextlib.nullcontext(),
+            pytest.raises(LMForgeError, match=r"resume=auto: no checkpoint in .* can be read"),
+        ):
+            train(tiny(train_cfg, "trainer.max_steps=30", "resume=auto"))
+
+
+def test_resume_auto_before_the_first_checkpoint_logs_each_step_once(train_cfg):
+    no_checkpoints = ("trainer.max_steps=5", "callbacks.periodic_checkpoint=null")
+    train(tiny(train_cfg, *no_checkpoints))
+    train(tiny(train_cfg, *no_checkpoints, "resume=auto"))  # a fresh start: the logs too
+    assert sorted(losses(Path(tiny(train_cfg).paths.output_dir))) == list(range(5))
+
+
+@dataclass
+class SigtermConfig(CausalLMConfig):
+    module: ClassVar[str] = f"{__name__}.SigtermInSetup"
+
+
+class SigtermInSetup(CausalLMTask):
+    """A SIGTERM while the model is built, before the first training step."""
+
+    config_class = SigtermConfig
+
+    def __init__(self, *args, **kwargs) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        super().__init__(*args, **kwargs)
+
+
+def test_sigterm_before_the_first_step_exits_75_with_one_line(tmp_path, tiny_text):
+    cmd = command(
+        tmp_path,
+        "early",
+        "model=gpt-nano",
+        f"data.dir={tmp_path}/data",
+        f"data.prepare.source.paths=[{tiny_text}]",
+        f"task._target_={__name__}.SigtermConfig",
+    )
+    proc = run(cmd)
+    assert proc.returncode == 75, proc.stderr[-2000:]
+    assert "stopped by SIGTERM before the first training step: nothing to save" in proc.stdout
+    assert "Traceback" not in proc.stderr

@@ -101,14 +101,21 @@ def pretrained_model(run, max_len: int, causal: bool | None = None):
 
 
 def resume_from(resume: str | None, ckpt_dir: Path) -> tuple[str | None, int | None]:
-    """The checkpoint to resume from: ``resume=auto`` the newest complete one in this run's
-    directory (none: a fresh start), ``resume=<path>`` that one. Without ``resume`` a run
-    directory that already holds checkpoints is refused rather than mixed with a new run."""
-    from lightning.pytorch.utilities import rank_zero_info
+    """The checkpoint to resume from and its step: ``resume=auto`` the newest intact one in this
+    run's directory, ``resume=<path>`` that one. ``resume=auto`` in a directory without
+    checkpoints is a fresh start at step 0 (its logs, say of a run killed before its first
+    checkpoint, are cut back to nothing); in one whose checkpoints are all unreadable it stops
+    rather than start again silently. Without ``resume`` a run directory that already holds
+    checkpoints is refused rather than mixed with a new run."""
+    from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 
     from lmforge.checkpoint import checkpoint_step, find_resume
 
-    existing = sorted(p.name for p in ckpt_dir.glob("*.ckpt")) if ckpt_dir.is_dir() else []
+    existing = (
+        sorted(p.name for p in ckpt_dir.iterdir() if p.suffix in (".ckpt", ".corrupt"))
+        if ckpt_dir.is_dir()
+        else []
+    )
     if resume is None:
         if existing:
             raise LMForgeError(
@@ -117,10 +124,16 @@ def resume_from(resume: str | None, ckpt_dir: Path) -> tuple[str | None, int | N
             )
         return None, None
     if resume == "auto":
-        found = find_resume(ckpt_dir) if existing else None
-        if found is None:
+        if not existing:
             rank_zero_info(f"resume=auto: no checkpoint in {ckpt_dir}, starting from scratch")
-            return None, None
+            return None, 0
+        found = find_resume(ckpt_dir, set_aside_corrupt=rank_zero_only.rank == 0)
+        if found is None:
+            raise LMForgeError(
+                f"resume=auto: no checkpoint in {ckpt_dir} can be read (the corrupt ones are"
+                " renamed *.corrupt): resume from a copy with resume=<path>, or start a new run"
+                " with another run_name"
+            )
         path, step = found
     else:
         path = Path(resume)

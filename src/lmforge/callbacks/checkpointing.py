@@ -9,7 +9,9 @@ signal for a scheduler to requeue; ``resume=auto`` then continues from that chec
 
 from __future__ import annotations
 
+import contextlib
 import signal
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,8 +44,68 @@ class AtomicCheckpointIO(TorchCheckpointIO):
             ) from None
 
 
-class StepCheckpoint(ModelCheckpoint):
-    """Lightning's ``ModelCheckpoint`` every ``every_n_train_steps``, and also at the final step
+class RunCheckpoint(ModelCheckpoint):
+    """Lightning's ``ModelCheckpoint``, made exact for a run that is resumed, moved or copied:
+
+    - it saves only at optimizer-step boundaries: with gradient accumulation the micro-batches
+      of a step end with the step counter unchanged, and a checkpoint taken there (on a resumed
+      run's first micro-batch, say, which Lightning takes again for the resumed step) holds a
+      half-accumulated state that no resume reproduces;
+    - a run directory moved or copied keeps its file names and retention: the paths restored
+      from the checkpoint are taken into the new directory, where Lightning would forget them
+      and write ``last-v1.ckpt`` beside a stale ``last.ckpt``;
+    - retention also removes the checkpoint the run resumed from once it falls out of the
+      kept ones (Lightning keeps that one forever).
+    """
+
+    _step_at_batch_start: int | None = None
+    _mid_step = False
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        if trainer.ckpt_path:  # the resumed step has its checkpoint: never saved twice
+            self._last_global_step_saved = trainer.global_step
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._step_at_batch_start = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._mid_step = trainer.global_step == self._step_at_batch_start  # no optimizer step
+        if not self._mid_step:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not self._mid_step:  # no checkpoint of a validation between two micro-batches
+            super().on_validation_end(trainer, pl_module)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and Path(old) != Path(self.dirpath):
+
+            def moved(p):
+                return (
+                    str(Path(self.dirpath) / Path(p).name)
+                    if p and Path(p).parent == Path(old)
+                    else p
+                )
+
+            state_dict = state_dict | {
+                "dirpath": self.dirpath,
+                "best_k_models": {moved(k): v for k, v in state_dict["best_k_models"].items()},
+            }
+            for key in ("best_model_path", "kth_best_model_path", "last_model_path"):
+                state_dict[key] = moved(state_dict.get(key))
+        super().load_state_dict(state_dict)
+
+    def _should_remove_checkpoint(self, trainer, previous: str, current: str) -> bool:
+        return (
+            previous != current
+            and Path(previous).parent.absolute() == Path(self.dirpath).absolute()
+        )
+
+
+class StepCheckpoint(RunCheckpoint):
+    """A ``RunCheckpoint`` every ``every_n_train_steps``, and also at the final step
     (``trainer.max_steps``), so a finished run always ends with a checkpoint of its last state."""
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -51,6 +113,8 @@ class StepCheckpoint(ModelCheckpoint):
         final = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
         if (
             final
+            and self._every_n_train_steps > 0
+            and not self._mid_step
             and self._last_global_step_saved != trainer.global_step
             and not self._should_skip_saving_checkpoint(trainer)
         ):
@@ -61,6 +125,45 @@ class StepCheckpoint(ModelCheckpoint):
 
 class Preempted(Exception):
     """Training stopped on SIGTERM / SIGUSR1 after saving a checkpoint."""
+
+
+_trained_to: int | None = None  # the step training ended at, once it has (Preemption sets it)
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """SIGTERM and SIGUSR1 outside the training loop (preparing data, building the model,
+    validating before the first step) end the run with one line and exit status 75, as
+    ``Preemption`` does inside it: before the first step there is nothing to save, and the same
+    command starts the run again. Under SLURM SIGUSR1 is left to Lightning's auto-requeue."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    global _trained_to
+    _trained_to = None
+
+    def stop(signum, frame) -> None:
+        name = signal.Signals(signum).name
+        if _trained_to is None:
+            print(
+                f"stopped by {name} before the first training step: nothing to save; the same"
+                " command starts the run again",
+                flush=True,
+            )
+        else:
+            print(
+                f"stopped by {name} after training ended at step {_trained_to} (its checkpoints"
+                " are saved): resume with resume=auto",
+                flush=True,
+            )
+        raise SystemExit(EXIT_REQUEUE)
+
+    signals = [signal.SIGTERM] + ([] if SLURMEnvironment.detect() else [signal.SIGUSR1])
+    previous = {sig: signal.signal(sig, stop) for sig in signals}
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 class Preemption(L.Callback):
@@ -76,6 +179,8 @@ class Preemption(L.Callback):
         self.requested: str | None = None
         self._previous: dict[int, Any] = {}
         self._saving = False
+        self._at_boundary = True  # the last batch ended an optimizer step (or none ran yet)
+        self._step_at_batch_start = 0
 
     def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
         """The preemption checkpoint is taken between two steps, after the next batch was
@@ -91,6 +196,7 @@ class Preemption(L.Callback):
 
     def on_train_start(self, trainer, pl_module) -> None:
         self.requested = None
+        self._at_boundary = True  # a run starts, or resumes, between two optimizer steps
         signals = [signal.SIGTERM]
         env = getattr(trainer.strategy, "cluster_environment", None)
         if not (isinstance(env, SLURMEnvironment) and env.auto_requeue):
@@ -99,6 +205,8 @@ class Preemption(L.Callback):
             self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_train_end(self, trainer, pl_module) -> None:
+        global _trained_to
+        _trained_to = trainer.global_step
         self._restore()
 
     def on_exception(self, trainer, pl_module, exception) -> None:
@@ -109,11 +217,15 @@ class Preemption(L.Callback):
             signal.signal(sig, handler)
         self._previous.clear()
 
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._at_boundary = trainer.global_step != self._step_at_batch_start
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        # At a step boundary: the previous step is applied and logged, the next not begun.
-        if batch_idx % trainer.accumulate_grad_batches or (
-            self.requested is None and trainer.world_size == 1
-        ):
+        # At a step boundary (the previous batch applied an optimizer step, which is logged; the
+        # next not begun), not between two micro-batches of one step: ranks agree on that, as
+        # their step counters move together.
+        self._step_at_batch_start = trainer.global_step
+        if not self._at_boundary or (self.requested is None and trainer.world_size == 1):
             return
         stop = self.requested is not None
         if trainer.world_size > 1:  # a request on any rank stops all

@@ -156,7 +156,10 @@ def _qualname(cls: type) -> str:
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> float | None:
-    metrics = train(cfg)
+    from lmforge.callbacks.checkpointing import stop_on_signals
+
+    with stop_on_signals():  # SIGTERM before the first step: one line, exit 75
+        metrics = train(cfg)
     return metrics.get("val/loss")  # the objective of Hydra sweepers
 
 
