@@ -14,7 +14,16 @@ from omegaconf import DictConfig, OmegaConf
 from lmforge.cli import CONFIG_PATH, reports_errors
 from lmforge.config import build
 from lmforge.errors import LMForgeError
-from lmforge.run import global_batch, initial_model, refuse_multirun_with_ranks, report, resume_from
+from lmforge.run import (
+    check_resumable,
+    check_run_settings,
+    global_batch,
+    holds_run_dir,
+    initial_model,
+    refuse_multirun_with_ranks,
+    report,
+    resume_from,
+)
 
 
 @dataclass
@@ -53,9 +62,7 @@ def validate(cfg: DictConfig) -> RunConfig:
     on_nonfinite = str(cfg.task.get("on_nonfinite", "stop"))
     if on_nonfinite not in ("stop", "skip"):
         raise LMForgeError(f"task.on_nonfinite={on_nonfinite!r}: use stop or skip")
-    for key in ("max_steps",):
-        if cfg.trainer.get(key) is not None and cfg.trainer[key] == 0:
-            raise LMForgeError(f"trainer.{key} must be positive or -1, got 0")
+    check_run_settings(cfg)
     return RunConfig(model, data, sections, compile_mode, checkpointing, on_nonfinite)
 
 
@@ -64,6 +71,7 @@ def build_loggers(cfg: DictConfig) -> list:
     return [lg for lg in loggers if lg is not None]
 
 
+@holds_run_dir
 def train(cfg: DictConfig) -> dict:
     """Run one training job; returns the final metrics."""
     typed = validate(cfg)
@@ -90,6 +98,7 @@ def train(cfg: DictConfig) -> dict:
         dm, task = instruction_setup(cfg, typed)
     else:
         dm, task = language_model_setup(cfg, typed, ckpt_path)
+    check_resumable(ckpt_path, task, dm)  # before anything in the run directory is written
     task.compile = typed.compile
     task.activation_checkpointing = typed.activation_checkpointing
     task.on_nonfinite = typed.on_nonfinite
