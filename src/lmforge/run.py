@@ -1,12 +1,153 @@
-"""Run-level helpers of lmforge-train: the checkpoint to resume from, the initial weights, the
-global batch, the closing report. Library code: the runner in ``cli/train.py`` only calls them."""
+"""Run-level helpers of lmforge-train: the run directory's lock, the trainer settings, the
+checkpoint to resume from, the initial weights, the global batch, the closing report. Library
+code: the runner in ``cli/train.py`` only calls them."""
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import os
+import socket
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+from omegaconf import DictConfig
+
+from lmforge.config import build
 from lmforge.errors import LMForgeError
+
+LOCK_FILE = ".lock"
+# What launchers set before any process group exists: torchrun (RANK, LOCAL_RANK, GROUP_RANK),
+# Lightning's own launcher (LOCAL_RANK, NODE_RANK), SLURM (SLURM_PROCID).
+RANK_VARIABLES = ("RANK", "LOCAL_RANK", "GROUP_RANK", "NODE_RANK", "SLURM_PROCID")
+
+
+def launched_as_rank_zero() -> bool:
+    """Whether this process is the first rank of its run (a single process is)."""
+    return all(os.environ.get(key, "0") == "0" for key in RANK_VARIABLES)
+
+
+@contextmanager
+def run_dir_lock(run_dir: str | Path) -> Iterator[None]:
+    """Hold ``<run_dir>/.lock`` (``fcntl.flock``) while a run writes into ``run_dir``, so that a
+    second run of the same run_name is refused at once instead of mixing its checkpoints and logs
+    into the first's. The kernel drops the lock when the process ends, even by ``kill -9``: a
+    crashed run leaves nothing to clean up. Only the first rank takes it; the other ranks of the
+    run (which Lightning's launcher or torchrun start) share the directory."""
+    if not launched_as_rank_zero():
+        yield
+        return
+    path = Path(run_dir)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise LMForgeError(
+            f"cannot write to the run directory {path} ({e.strerror}): set paths.log_dir to a"
+            " writable directory"
+        ) from None
+    with os.fdopen(fd, "r+") as f:  # closing it releases the lock
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = f.read().strip() or "another process"
+            raise LMForgeError(
+                f"run directory {path} is in use by another run ({holder}): wait for that run to"
+                " end, or start this one with another run_name"
+            ) from None
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        f.flush()
+        yield
+
+
+def holds_run_dir(fn: Callable) -> Callable:
+    """Run ``fn(cfg, ...)`` holding the lock of its run directory, ``cfg.paths.output_dir``."""
+
+    @functools.wraps(fn)
+    def wrapper(cfg: DictConfig, *args, **kwargs):
+        with run_dir_lock(cfg.paths.output_dir):
+            return fn(cfg, *args, **kwargs)
+
+    return wrapper
+
+
+@dataclass
+class TrainerSettings:
+    """The keys of ``conf/trainer`` whose bad values Lightning takes silently or reports with a
+    traceback (a negative clip value turns the gradient around, a zero interval divides by zero)."""
+
+    max_steps: int = -1  # optimizer steps; -1: no limit
+    val_check_interval: Any = None  # training micro-batches between validations, or a duration
+    accumulate_grad_batches: int = 1
+    gradient_clip_val: float | None = None  # the norm to clip to; 0 or null: no clipping
+    log_every_n_steps: int = 50
+    precision: Any = "32-true"
+
+    def __post_init__(self) -> None:
+        if self.max_steps != -1 and self.max_steps < 1:
+            raise ValueError(
+                f"trainer.max_steps={self.max_steps}: use a positive number of optimizer steps,"
+                " or -1 for no limit"
+            )
+        interval = self.val_check_interval
+        if isinstance(interval, bool) or (
+            isinstance(interval, (int, float)) and (interval < 1 or interval != int(interval))
+        ):
+            raise ValueError(
+                f"trainer.val_check_interval={interval}: use a whole number of training"
+                " micro-batches (1 or more), or a duration 'DD:HH:MM:SS'"
+            )
+        if self.accumulate_grad_batches < 1:
+            raise ValueError(
+                f"trainer.accumulate_grad_batches={self.accumulate_grad_batches}: use 1 (no"
+                " accumulation) or more micro-batches per optimizer step"
+            )
+        if self.gradient_clip_val is not None and self.gradient_clip_val < 0:
+            raise ValueError(
+                f"trainer.gradient_clip_val={self.gradient_clip_val:g}: use a positive gradient"
+                " norm to clip to, or 0 / null for no clipping"
+            )
+        if self.log_every_n_steps < 1:
+            raise ValueError(
+                f"trainer.log_every_n_steps={self.log_every_n_steps}: use 1 or more optimizer steps"
+            )
+        accepted = lightning_precisions()
+        if str(self.precision) not in accepted:
+            raise ValueError(
+                f"trainer.precision={self.precision!r}: use one of {', '.join(accepted)}"
+            )
+
+
+def lightning_precisions() -> list[str]:
+    """The ``precision`` values ``lightning.Trainer`` accepts, as written in a config."""
+    from typing import get_args
+
+    from lightning.fabric.plugins.precision.precision import _PRECISION_INPUT
+
+    def values(t) -> list:
+        return [v for a in get_args(t) for v in (values(a) if get_args(a) else [a])]
+
+    return list(dict.fromkeys(str(v) for v in values(_PRECISION_INPUT)))
+
+
+def check_run_settings(cfg: DictConfig) -> TrainerSettings:
+    """Check the run-level settings the runner hands to Lightning and the loggers: ``seed``, the
+    keys of :class:`TrainerSettings`, and the W&B mode. Raises LMForgeError naming the key."""
+    from lmforge.loggers import wandb_mode
+
+    seed = cfg.get("seed")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
+        raise LMForgeError(f"seed={seed!r}: use a whole number from 0 to {2**32 - 1}")
+    keys = TrainerSettings.__dataclass_fields__.keys() & cfg.trainer.keys()
+    settings = build({k: cfg.trainer[k] for k in keys}, "trainer", TrainerSettings)
+    for node in (cfg.get("logger") or {}).values():
+        if isinstance(node, DictConfig) and node.get("_target_") == "lmforge.loggers.wandb_logger":
+            wandb_mode(node.get("mode", "auto"))  # raises on an unknown mode
+    return settings
 
 
 def pretraining_model(run, tok_vocab: int):
@@ -145,6 +286,52 @@ def resume_from(resume: str | None, ckpt_dir: Path) -> tuple[str | None, int | N
             )
     rank_zero_info(f"resuming from {path} (step {step})")
     return str(path), step
+
+
+def check_resumable(ckpt_path: str | None, task, dm) -> None:
+    """Refuse to resume from a checkpoint of another model or tokenizer before anything in the run
+    directory is written (config.yaml, the loggers' files, the cut of metrics.csv): Lightning
+    reads the checkpoint only after those writes. Reads the checkpoint's metadata, not its
+    tensors (memory-mapped)."""
+    if ckpt_path is None:
+        return
+    import torch
+
+    path = Path(ckpt_path)
+    if path.is_dir():  # a sharded checkpoint: its metadata lies beside the shards
+        checkpoint = torch.load(path / "meta.pt", map_location="cpu", weights_only=True)
+    else:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    refuse_other_model(checkpoint, task.hparams.get("model", {}), dm)
+
+
+def refuse_other_model(checkpoint: dict, model: dict, dm) -> None:
+    """Raise LMForgeError, naming what differs, when ``checkpoint`` holds another model than the
+    ``model`` hyperparameters, or was trained with another tokenizer than ``dm``'s."""
+    saved = checkpoint.get("hyper_parameters", {}).get("model", {})
+    diff = [
+        f"{k}={saved.get(k)!r} (this run: {model.get(k)!r})"
+        for k in sorted(saved.keys() | model.keys())
+        if saved.get(k) != model.get(k)
+    ]
+    if diff:
+        raise LMForgeError(
+            "the checkpoint holds a different model: "
+            + ", ".join(diff)
+            + "; resume with the model config it was trained with, or start a new run_name"
+        )
+    saved_tok, tokenizer = checkpoint.get("tokenizer"), getattr(dm, "tokenizer", None)
+    if saved_tok and tokenizer is not None and saved_tok != tokenizer.to_str():
+        from tokenizers import Tokenizer
+
+        data = getattr(dm.config, "dir", None)
+        ours = f"{data}'s" if data else "this run's"
+        raise LMForgeError(
+            f"the checkpoint was trained with another tokenizer than {ours}"
+            f" (vocabulary {Tokenizer.from_str(saved_tok).get_vocab_size()} vs"
+            f" {tokenizer.get_vocab_size()}): resume on the data it was trained on, or start a"
+            " new run_name"
+        )
 
 
 def refuse_multirun_with_ranks(world_size: int) -> None:

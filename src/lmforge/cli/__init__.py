@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 import warnings
 from collections.abc import Callable
 from datetime import datetime
+from pathlib import Path
 
 from omegaconf import OmegaConf
 
@@ -25,8 +27,46 @@ def default_run_name() -> str:
     return run_id if run_id != "none" else datetime.now().strftime("%Y-%m-%d_%H-%M-%S")
 
 
+RUN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=,-]{0,127}")
+
+
+def check_run_name(name) -> str:
+    """A run name is one plain directory name: no path separators, no ``..``, not empty."""
+    if not isinstance(name, str) or not RUN_NAME.fullmatch(name):
+        raise LMForgeError(
+            f"run_name={name!r} is not a plain directory name: use 1 to 128 letters, digits and"
+            " . _ - + = , starting with a letter or digit"
+        )
+    return name
+
+
+def run_dir(parent: str, name) -> str:
+    """``hydra.run.dir``: ``<parent>/<run_name>``. Hydra creates it before any lmforge code runs
+    and prints a resolver's exception as a traceback, so a bad run_name or a logs directory that
+    cannot be written is reported here: one line, exit status 2."""
+    try:
+        path = Path(parent) / check_run_name(name)
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            why = "not writable" if existing.is_dir() else "not a directory"
+            raise LMForgeError(
+                f"cannot create the run directory {path}: {existing} is {why}; set paths.log_dir"
+                " to a writable directory"
+            )
+    except LMForgeError as e:
+        exit_with_error(e)
+    return str(path)
+
+
 OmegaConf.register_new_resolver("lmforge_root", lambda: str(CONF_DIR.parent), replace=True)
 OmegaConf.register_new_resolver("lmforge_run_name", default_run_name, replace=True, use_cache=True)
+OmegaConf.register_new_resolver("lmforge_run_dir", run_dir, replace=True)
+
+
+def exit_with_error(e: LMForgeError):
+    """Print a bad-input error as one line (``error: ...``) and exit with status 2."""
+    print(f"error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def reports_errors(fn: Callable) -> Callable:
@@ -37,7 +77,6 @@ def reports_errors(fn: Callable) -> Callable:
         try:
             return fn(*args, **kwargs)
         except LMForgeError as e:
-            print(f"error: {e}", file=sys.stderr, flush=True)
-            sys.exit(2)
+            exit_with_error(e)
 
     return wrapper

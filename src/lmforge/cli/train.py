@@ -19,7 +19,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from lmforge.cli import CONFIG_PATH, reports_errors
 from lmforge.config import build
 from lmforge.errors import LMForgeError
-from lmforge.run import global_batch, refuse_multirun_with_ranks, report, resume_from
+from lmforge.run import (
+    check_resumable,
+    check_run_settings,
+    global_batch,
+    holds_run_dir,
+    refuse_multirun_with_ranks,
+    report,
+    resume_from,
+)
 
 
 @dataclass
@@ -61,11 +69,11 @@ def validate(cfg: DictConfig) -> Run:
             f"data.seq_len={seq_len} exceeds model.block_size={model.block_size}:"
             " lower data.seq_len or raise model.block_size"
         )
-    if cfg.trainer.get("max_steps") == 0:
-        raise LMForgeError("trainer.max_steps must be positive or -1, got 0")
+    check_run_settings(cfg)
     return Run(cfg, task, data, model)
 
 
+@holds_run_dir
 def train(cfg: DictConfig) -> dict:
     """Run one training job; returns the final metrics."""
     run = validate(cfg)
@@ -82,6 +90,7 @@ def train(cfg: DictConfig) -> dict:
     ckpt_path, resume_step = resume_from(cfg.resume, Path(out_dir) / "checkpoints")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     recipe = hydra.utils.get_class(run.task.module).recipe(run, ckpt_path)
+    check_resumable(ckpt_path, recipe.module, recipe.datamodule)  # before any write in the run dir
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
 

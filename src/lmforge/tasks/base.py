@@ -25,12 +25,6 @@ class NonFiniteError(LMForgeError):
     """A non-finite loss or gradient norm under task.on_nonfinite=stop."""
 
 
-def _vocab_size(tokenizer_json: str) -> int:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_str(tokenizer_json).get_vocab_size()
-
-
 def token_loss(
     logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -388,27 +382,9 @@ class LMTask(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Refuse a checkpoint of another model or tokenizer, naming what differs."""
-        saved = checkpoint.get("hyper_parameters", {}).get("model", {})
-        ours = self.hparams.get("model", {})
-        diff = [
-            f"{k}={saved.get(k)!r} (this run: {ours.get(k)!r})"
-            for k in sorted(saved.keys() | ours.keys())
-            if saved.get(k) != ours.get(k)
-        ]
-        if diff:
-            raise LMForgeError(
-                "the checkpoint holds a different model: "
-                + ", ".join(diff)
-                + "; resume with the model config it was trained with, or start a new run_name"
-            )
+        from lmforge.run import refuse_other_model
+
         dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        saved_tok = checkpoint.get("tokenizer")
-        known = saved_tok and dm is not None and hasattr(dm, "tokenizer")
-        if known and saved_tok != dm.tokenizer.to_str():
-            raise LMForgeError(
-                "the checkpoint was trained with another tokenizer than this run's data"
-                f" (vocabulary {_vocab_size(saved_tok)} vs {dm.tokenizer.get_vocab_size()}):"
-                " resume on the data it was trained on, or start a new run_name"
-            )
+        refuse_other_model(checkpoint, self.hparams.get("model", {}), dm)
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
