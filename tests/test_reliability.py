@@ -207,11 +207,30 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(train_cfg, tmp_p
 
 
 class NaNAtStep3(CausalLMTask):
-    """A fault injected into the loss of the 4th optimizer step (global_step 3)."""
+    """A fault injected into the loss of the 4th optimizer step (global_step 3), or of every
+    step from ``from_step`` on."""
+
+    from_step: int | None = None
 
     def training_step(self, batch, batch_idx):
         loss = super().training_step(batch, batch_idx)
-        return loss * float("nan") if self.trainer.global_step == 3 else loss
+        step = self.trainer.global_step
+        bad = step == 3 if self.from_step is None else step >= self.from_step
+        return loss * float("nan") if bad else loss
+
+
+class NaNFromStep2(NaNAtStep3):
+    from_step = 2
+
+
+@dataclass
+class NaNAtStep3Config(CausalLMConfig):
+    module: ClassVar[str] = f"{__name__}.NaNAtStep3"
+
+
+@dataclass
+class NaNFromStep2Config(CausalLMConfig):
+    module: ClassVar[str] = f"{__name__}.NaNFromStep2"
 
 
 def test_nan_is_skipped_under_skip(train_cfg):
@@ -219,7 +238,7 @@ def test_nan_is_skipped_under_skip(train_cfg):
         train_cfg,
         "trainer.max_steps=8",
         "task.on_nonfinite=skip",
-        f"task._target_={__name__}.NaNAtStep3",
+        f"task._target_={__name__}.NaNAtStep3Config",
     )
     train(cfg)
     ckpt = load_checkpoint(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt")
@@ -232,12 +251,24 @@ def test_nan_is_skipped_under_skip(train_cfg):
     assert [(r["step"], float(r["train/skipped_steps"])) for r in skipped] == [("3", 1.0)]
 
 
+def test_skipping_stops_after_max_skipped_steps_in_a_row(train_cfg):
+    cfg = tiny(
+        train_cfg,
+        "trainer.max_steps=20",
+        "task.on_nonfinite=skip",
+        "task.max_skipped_steps=3",
+        f"task._target_={__name__}.NaNFromStep2Config",
+    )
+    with pytest.raises(LMForgeError, match="4 steps in a row were non-finite .*step 6"):
+        train(cfg)
+
+
 def test_nan_stops_the_run_under_stop_keeping_the_last_good_checkpoint(train_cfg):
     cfg = tiny(
         train_cfg,
         "trainer.max_steps=8",
         "callbacks.periodic_checkpoint.every_n_train_steps=2",
-        f"task._target_={__name__}.NaNAtStep3",
+        f"task._target_={__name__}.NaNAtStep3Config",
     )
     with pytest.raises(
         LMForgeError, match=r"non-finite values at step 4 \(loss .*, gradient norm nan\)"

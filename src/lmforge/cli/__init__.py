@@ -78,5 +78,10 @@ def reports_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except LMForgeError as e:
             exit_with_error(e)
+        except Exception as e:  # Hydra's instantiate wraps what a callback or strategy raised
+            cause = e.__cause__
+            if type(e).__name__ == "InstantiationException" and isinstance(cause, LMForgeError):
+                exit_with_error(cause)
+            raise
 
     return wrapper
