@@ -11,6 +11,7 @@ from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer
 from lmforge.errors import LMForgeError
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.models.lora import LoRALinear, add_lora, merge_lora
+from lmforge.models.registry import family
 
 from .conftest import ROOT
 
@@ -141,12 +142,12 @@ def test_bad_examples_are_refused_or_counted():
     with pytest.raises(
         LMForgeError, match=r"val example 2 has the label 'c'.*on_unknown_label=skip"
     ):
-        encode([("abc", "a"), ("abc", "c")], labels, tok, "gpt", cfg, "val")
+        encode([("abc", "a"), ("abc", "c")], labels, tok, family("gpt").frame, cfg, "val")
     with pytest.raises(LMForgeError, match="example 1 has an empty text.*on_empty=skip"):
-        encode([("  ", "a")], labels, tok, "gpt", cfg, "train")
+        encode([("  ", "a")], labels, tok, family("gpt").frame, cfg, "train")
     strict = ClassificationDataConfig(train="", val="", max_len=6, truncation="error")
     with pytest.raises(LMForgeError, match="example 1 has 10 tokens, more than data.max_len=6"):
-        encode([("abcdefghij", "a")], labels, tok, "gpt", strict, "train")
+        encode([("abcdefghij", "a")], labels, tok, family("gpt").frame, strict, "train")
     lenient = ClassificationDataConfig(
         train="", val="", max_len=6, on_unknown_label="skip", on_empty="skip"
     )
@@ -154,7 +155,7 @@ def test_bad_examples_are_refused_or_counted():
         [("abcdefghij", "a"), ("", "b"), ("abc", "zzz"), ("ab", "b")],
         labels,
         tok,
-        "gpt",
+        family("gpt").frame,
         lenient,
         "val",
     )
@@ -163,7 +164,7 @@ def test_bad_examples_are_refused_or_counted():
     eot = tok.token_to_id("<|endoftext|>")
     assert data.ids[0] == tok.encode("abcde").ids + [eot]  # tail truncation keeps the start
     head = ClassificationDataConfig(train="", val="", max_len=6, truncation="head")
-    kept, _ = encode([("abcdefghij", "a")], labels, tok, "gpt", head, "train")
+    kept, _ = encode([("abcdefghij", "a")], labels, tok, family("gpt").frame, head, "train")
     assert kept.ids[0] == tok.encode("fghij").ids + [eot]
 
 
@@ -206,7 +207,7 @@ def test_class_balance_by_weights_and_by_sampling(tmp_path):
     cfg = ClassificationDataConfig(
         train=str(split["train"]), val=str(split["val"]), balance="sampling", batch_size=50
     )
-    dm = ClassificationDataModule(cfg, tok, "gpt", seed=3)
+    dm = ClassificationDataModule(cfg, tok, family("gpt").frame, seed=3)
     dm.setup()
     labels = torch.tensor(dm.sets["train"].labels)
     weights = dm.class_weights()

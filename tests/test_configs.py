@@ -32,9 +32,23 @@ GROUPS = [
 ]
 
 
+# The options that only compose with a fine-tune: the other groups they need.
+FINE_TUNE = {
+    "classification": ["task=classification", "data=sms_spam", "model=pretrained"],
+    "instruction": ["task=instruction", "data=instructions", "model=pretrained"],
+}
+COMPANIONS = {
+    ("model", "pretrained"): FINE_TUNE["classification"],
+    ("data", "sms_spam"): FINE_TUNE["classification"],
+    ("task", "classification"): FINE_TUNE["classification"],
+    ("data", "instructions"): FINE_TUNE["instruction"],
+    ("task", "instruction"): FINE_TUNE["instruction"],
+}
+
+
 @pytest.mark.parametrize(("group", "option"), [(g, o) for g in GROUPS for o in options(g)])
 def test_every_group_option_composes(group, option, tmp_path):
-    cfg = compose_train([f"{group}={option}"], tmp_path)
+    cfg = compose_train([*COMPANIONS.get((group, option), []), f"{group}={option}"], tmp_path)
     if group not in ("trainer", "logger", "callbacks"):
         validate(cfg)  # typed configs build from every option
     if group == "trainer" and not isinstance(cfg.trainer.get("strategy", "auto"), str):

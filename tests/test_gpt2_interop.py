@@ -96,8 +96,8 @@ def test_foreign_or_corrupt_checkpoints_are_refused(tmp_path):
         intermediate_size=32,
     )
     transformers.BertModel(bert).save_pretrained(tmp_path / "bert")
-    with pytest.raises(LMForgeError, match="model_type 'bert' is not gpt2"):
-        load_model(tmp_path / "bert")
+    with pytest.raises(LMForgeError, match="holds a BERT: lmforge-generate needs a causal LM"):
+        load_model(tmp_path / "bert", causal=True, what="lmforge-generate")
     hf_config().save_pretrained(tmp_path / "cut")
     (tmp_path / "cut" / "model.safetensors").write_bytes(b"\x10")
     with pytest.raises(

@@ -13,6 +13,7 @@ from lmforge.data.prepare import PrepareConfig, prepare, read_meta
 from lmforge.data.sources import SourceConfig
 from lmforge.data.tokenizer import EOT, TokenizerConfig, gpt2_tokenizer, load_tokenizer
 from lmforge.errors import LMForgeError
+from lmforge.models.registry import family
 
 from .conftest import ROOT, SHAKESPEARE, SHARED_DATA
 
@@ -389,7 +390,7 @@ def test_tokenizer_file_is_used_without_padding_truncation_or_template(tmp_path)
     cfg = ClassificationDataConfig(train="-", val="-", max_len=64)
     examples = [("a short text", "x"), (docs[0], "y")]
     for tok in (load_tokenizer(tok_file), hf_tokenizer(tmp_path)):
-        encoded, counts = encode(examples, ["x", "y"], tok, "bert", cfg, "train")
+        encoded, counts = encode(examples, ["x", "y"], tok, family("bert").frame, cfg, "train")
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         short = words.encode("a short text", add_special_tokens=False).ids
         assert encoded.ids[0] == [cls, *short, sep]
