@@ -129,16 +129,6 @@ def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_facto
     assert metrics["train/loss"] > 0
 
 
-def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "lmforge.cli.train", f"paths.log_dir={tmp_path}", *args],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=120,
-    )
-
-
 @pytest.mark.parametrize(
     ("override", "needle"),
     [
@@ -151,11 +141,38 @@ def run_cli(*args: str, tmp_path: Path) -> subprocess.CompletedProcess:
         ("task.optim.lr=-1", "task.optim.lr must be positive"),
         ("model.vocab_size=10", "model.vocab_size=10 is smaller than the tokenizer's"),
         ("task.on_nonfinite=maybe", "task.on_nonfinite"),
+        ("data=sms_spam", "task=causal_lm trains on a prepared token set"),
+        ("task=classification", "task=classification trains on labelled texts"),
+        ("task.lora.rank=2", "task.lora"),
     ],
 )
-def test_invalid_override_fails_naming_the_key(override, needle, tmp_path):
-    proc = run_cli(override, tmp_path=tmp_path)
-    assert proc.returncode != 0
-    err = proc.stderr.strip().splitlines()
-    assert any(needle in line for line in err), proc.stderr
+def test_invalid_override_fails_naming_the_key(override, needle, train_cfg, tmp_path):
+    """In process: the composed config is refused before anything is trained."""
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from lmforge.errors import LMForgeError
+
+    with pytest.raises((LMForgeError, HydraException, OmegaConfBaseException)) as e:
+        train(train_cfg(override))
+    assert needle in str(e.value)
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [["task=causal_lm", "data=sms_spam"], ["task=classification", "data=shakespeare_char"]],
+)
+def test_a_task_given_data_it_cannot_train_on_exits_with_one_line(overrides, tmp_path):
+    """The command line's path: exit status 2, one line naming both, no traceback."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "lmforge.cli.train", f"paths.log_dir={tmp_path}", *overrides],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=120,
+    )
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: task=") and "data=" in lines[0]
+    assert "Traceback" not in proc.stderr
