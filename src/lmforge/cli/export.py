@@ -4,8 +4,9 @@
     python -c "import transformers; transformers.GPT2LMHeadModel.from_pretrained('exports/my-gpt')"
 
 GPT checkpoints become ``GPT2LMHeadModel`` directories, BERT (masked-LM) checkpoints
-``BertForMaskedLM`` ones (with the pooler, which ``BertModel`` loads): ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
-``tokenizer_config.json`` (``PreTrainedTokenizerFast.from_pretrained`` reads them). Options
+``BertForMaskedLM`` ones, with the pooler that ``BertModel`` loads: ``config.json``,
+``model.safetensors``, ``tokenizer.json`` and ``tokenizer_config.json``
+(``PreTrainedTokenizerFast.from_pretrained`` reads them). Options
 that the transformers class cannot express (rotary positions, a pre-LayerNorm BERT) are
 refused. The directory is built aside and renamed into place.
 """
@@ -14,31 +15,14 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from lmforge.cli import reports_errors
 from lmforge.errors import LMForgeError
 
 
-def check_target(checkpoint: str, out: str) -> None:
-    """Refuse an ``out`` that is a file, or that is (or holds) the checkpoint being exported."""
-    target, source = Path(out).resolve(), Path(checkpoint).resolve()
-    if target.is_file():
-        raise LMForgeError(
-            f"{out} is a file: the export is a directory; name a new directory, the file is left"
-            " as it is"
-        )
-    if target == source or target in source.parents:
-        raise LMForgeError(
-            f"{out} holds the checkpoint {checkpoint}: the export would replace it; name a new"
-            " directory"
-        )
-
-
 def export(checkpoint: str, out: str) -> str:
     from lmforge.checkpoint import load_checkpoint, load_gpt
 
-    check_target(checkpoint, out)
     ckpt = load_checkpoint(checkpoint)
     hparams = ckpt.get("hyper_parameters", {})
     if "model" not in hparams:
