@@ -803,8 +803,9 @@ def run_case(case: Case, number: int, sandbox: Path) -> Result:
         result.rc, out, err = None, str(e.stdout or ""), f"error: timed out after {e.timeout} s"
     result.seconds = time.perf_counter() - start
     result.one_line = any(ERROR_LINE.match(line) for line in (err + "\n" + out).splitlines())
-    result.error = (first_error(err) or first_error(out)).replace(str(case_dir), "{C}")
-    result.error = result.error.replace(str(sandbox), "{S}")
+    if result.rc != 0:  # a run that went through has no error line to show
+        result.error = (first_error(err) or first_error(out)).replace(str(case_dir), "{C}")
+        result.error = result.error.replace(str(sandbox), "{S}")
     result.traceback = TRACEBACK in err or TRACEBACK in out
     after = hashes(case_dir, case.guard) if case.guard != "none" else {}
     result.changed = [p for p, h in before.items() if after.get(p) != h]
