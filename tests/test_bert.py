@@ -1,5 +1,7 @@
 """BERT: parity with transformers, masking statistics, loss normalisation, the MLM task."""
 
+import json
+
 import lightning as L
 import pytest
 import torch
@@ -44,6 +46,13 @@ def inputs(batch=3, T=16, vocab=99):
     return ids, mask, types
 
 
+def safetensors_keys(path) -> set[str]:
+    from safetensors import safe_open
+
+    with safe_open(str(path / "model.safetensors"), "pt") as f:
+        return set(f.keys())
+
+
 def randomize(model: torch.nn.Module) -> None:
     """Non-trivial values everywhere (LayerNorms and biases are initialised to 1 and 0)."""
     torch.manual_seed(1)
@@ -56,7 +65,11 @@ def test_import_matches_transformers_logits_with_padding(tmp_path):
     ref = transformers.BertForMaskedLM(hf_config()).eval()
     randomize(ref)
     ref.save_pretrained(tmp_path)
-    ours = load_hf_bert(tmp_path)
+    with pytest.warns(UserWarning, match="holds no pooler"):
+        ours = load_hf_bert(tmp_path)
+    assert ours.untrained == {"pooler"}
+    export_hf_bert(ours, tmp_path / "export")  # the new pooler is not written as trained
+    assert not any("pooler" in k for k in safetensors_keys(tmp_path / "export"))
     ids, mask, types = inputs()
     with torch.no_grad():
         expected = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
@@ -70,7 +83,9 @@ def test_import_bare_bert_model_hidden_states(tmp_path):
     ref = transformers.BertModel(hf_config()).eval()
     randomize(ref)
     ref.save_pretrained(tmp_path)
-    ours = load_hf_bert(tmp_path)
+    with pytest.warns(UserWarning, match="bare BertModel: the MLM head is newly initialised"):
+        ours = load_hf_bert(tmp_path)
+    assert ours.untrained == {"mlm_head"}
     ids, mask, types = inputs()
     with torch.no_grad():
         out = ref(input_ids=ids, attention_mask=mask, token_type_ids=types)
@@ -79,6 +94,18 @@ def test_import_bare_bert_model_hidden_states(tmp_path):
     torch.testing.assert_close(
         ours.sequence_features(hidden), out.pooler_output, rtol=1e-5, atol=1e-5
     )
+    # Exported again, it is a BertModel: the untrained MLM head is not written as trained.
+    export_hf_bert(ours, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["architectures"] == ["BertModel"]
+    assert not any(k.startswith("cls.") for k in safetensors_keys(tmp_path / "export"))
+    again, info = transformers.BertModel.from_pretrained(
+        tmp_path / "export", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    with torch.no_grad():
+        back = again.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types)
+    torch.testing.assert_close(back.pooler_output, out.pooler_output, rtol=1e-6, atol=1e-6)
 
 
 def test_export_loads_in_transformers_with_equal_logits(tmp_path):
@@ -94,7 +121,18 @@ def test_export_loads_in_transformers_with_equal_logits(tmp_path):
         expected = ours(ids, mask, types)
         got = ref(input_ids=ids, attention_mask=mask, token_type_ids=types).logits
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    # The pooler is written where BertModel and BertForSequenceClassification load it.
+    bare, info = transformers.BertModel.from_pretrained(
+        tmp_path / "export", output_loading_info=True
+    )
+    assert not info["missing_keys"]
+    with torch.no_grad():
+        pooled = bare.eval()(input_ids=ids, attention_mask=mask, token_type_ids=types).pooler_output
+        torch.testing.assert_close(
+            pooled, ours.sequence_features(ours.hidden(ids, mask, types)), rtol=1e-5, atol=1e-5
+        )
     again = load_hf_bert(tmp_path / "export")  # and back
+    assert again.untrained == set()
     torch.testing.assert_close(again(ids, mask, types), expected, rtol=1e-6, atol=1e-6)
 
 

@@ -93,3 +93,36 @@ def test_stride_equal_to_context_is_the_non_overlapping_result(tiny_model):
     sliding = evaluate(model, [ids], seq_len=16, stride=4, batch_size=3)
     assert sliding.tokens == count  # every token once, now with more context
     assert sliding.loss_sum != pytest.approx(nll, rel=1e-5)
+
+
+def test_zero_stride_or_seq_len_and_an_unwritable_output_are_refused(tiny_model, tmp_path):
+    model, tok = tiny_model
+    export_hf_gpt2(model, tmp_path / "model", tok)
+    text_file = tmp_path / "t.txt"
+    text_file.write_text(TEXT, encoding="utf-8")
+
+    def run(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "lmforge.cli.eval", f"ckpt_path={tmp_path / 'model'}", *args],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+            timeout=300,
+        )
+
+    errors = {
+        "stride=0": "error: stride=0: use a positive number of tokens, or null for the default"
+        " (seq_len)",
+        "seq_len=0": "error: seq_len=0: use a positive number of tokens, or null for the default"
+        " (the model's block_size)",
+        f"output={tmp_path / 'no' / 'r.json'}": f"error: output={tmp_path / 'no' / 'r.json'}:"
+        f" directory {tmp_path / 'no'} does not exist; create it",
+    }
+    for arg, error in errors.items():
+        proc = run(f"text_file={text_file}", arg)
+        assert (proc.returncode, proc.stderr.strip()) == (2, error)
+    (tmp_path / "t2.txt").write_text("abc 😀\n", encoding="utf-8")  # outside the alphabet
+    proc = run(f"text_file={tmp_path / 't2.txt'}")
+    assert (
+        proc.returncode == 2 and "'😀' (U+1F600)" in proc.stderr and "Traceback" not in proc.stderr
+    )

@@ -5,6 +5,7 @@ import sys
 
 import torch
 
+from lmforge.cli.generate import unknown_characters
 from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer
 from lmforge.interop.hf_gpt2 import export_hf_gpt2
 from lmforge.models.gpt import GPT, GPTConfig
@@ -49,4 +50,26 @@ def test_streamed_sample_stop_string_and_several_samples(tmp_path):
     two = generate(*common, "stream=false", "num_samples=2", "top_p=0.9", "repetition_penalty=1.3")
     assert two.returncode == 0 and two.stdout.count("----- sample") == 2
     bad = generate(*common, "top_p=1.5")
-    assert bad.returncode == 2 and bad.stderr.strip() == "error: top_p must be in (0, 1], got 1.5"
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: top_p=1.5: use a number in (0, 1], or null for no top-p"
+    bad = generate(*common, "top_k=0")
+    assert bad.returncode == 2
+    assert bad.stderr.strip() == "error: top_k=0: use at least 1, or null for no top-k"
+    bad = generate(*common, "prompt='ab😀cé'")  # outside the tokenizer's alphabet
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr.strip() == (
+        "error: the prompt holds characters the tokenizer does not know: 'é' (U+00E9),"
+        " '😀' (U+1F600); they would be dropped: remove them, or use a model whose tokenizer"
+        " covers them"
+    )
+
+
+def test_characters_outside_the_vocabulary_are_found_dropped_or_unknown():
+    char = train_tokenizer(["abc d\n"], TokenizerConfig(kind="char"))
+    assert char.encode("a😀b").ids == char.encode("ab").ids  # what goes unnoticed otherwise
+    assert unknown_characters(char, "a😀b\tc d\n") == (["\t", "😀"], [], None)
+    words = ["the cat sat on the mat"] * 20
+    wordpiece = train_tokenizer(words, TokenizerConfig(kind="wordpiece", vocab_size=300))
+    assert unknown_characters(wordpiece, "the 猫 sat\t") == ([], ["猫"], "[UNK]")
+    bpe = train_tokenizer(words, TokenizerConfig(kind="bpe", vocab_size=300))
+    assert unknown_characters(bpe, "the 猫 😀 é") == ([], [], None)  # bytes cover everything

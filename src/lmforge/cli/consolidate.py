@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from lmforge.cli import reports_errors
+from lmforge.errors import LMForgeError
 
 
 @reports_errors
@@ -23,8 +25,17 @@ def main(argv: list[str] | None = None) -> int:
         "-o", "--output", help="file to write (default: <name>.consolidated.ckpt beside it)"
     )
     args = parser.parse_args(argv)
-    from lmforge.checkpoint import consolidate
+    from lmforge.checkpoint import checkpoint_step, consolidate
 
+    if args.output is not None:
+        output = Path(args.output)
+        if output.is_dir():
+            raise LMForgeError(f"-o {output} is a directory: name the checkpoint file to write")
+        if output.exists() and checkpoint_step(output) is None:
+            raise LMForgeError(
+                f"-o {output} exists and is not a checkpoint of lmforge: it is left as it is;"
+                " name another file"
+            )
     out = consolidate(args.checkpoint, args.output)
     print(f"wrote {out}")
     return 0

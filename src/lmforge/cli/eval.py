@@ -7,6 +7,7 @@ lmforge-eval ckpt_path=exports/gpt2 text_file=book.txt stride=512
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import hydra
@@ -24,17 +25,33 @@ def main(cfg: DictConfig) -> dict:
     import torch
     from rich.progress import Progress
 
-    from lmforge.cli.generate import load_model_and_tokenizer
+    from lmforge.cli.generate import (
+        describe,
+        load_model_and_tokenizer,
+        option,
+        torch_device,
+        unknown_characters,
+    )
     from lmforge.evaluation import count_windows, evaluate
 
+    positive = "use a positive number of tokens, or null for the default"
+    option(cfg, "seq_len", int, lambda v: v >= 1, positive + " (the model's block_size)", True)
+    option(cfg, "stride", int, lambda v: v >= 1, positive + " (seq_len)", True)
+    option(cfg, "batch_size", int, lambda v: v >= 1, "use a positive number of windows")
+    if cfg.precision not in ("auto", "bf16", "fp32"):
+        raise LMForgeError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
+    device = torch_device(cfg.device)
+    output = Path(cfg.output) if cfg.output else None
+    if output is not None:
+        check_output(output)
     model, tok = load_model_and_tokenizer(cfg.ckpt_path, cfg.tokenizer)
-    seq_len = cfg.seq_len or model.config.block_size
-    stride = cfg.stride or seq_len
-    if not 0 < seq_len <= model.config.block_size:
+    seq_len = model.config.block_size if cfg.seq_len is None else cfg.seq_len
+    stride = seq_len if cfg.stride is None else cfg.stride
+    if seq_len > model.config.block_size:
         raise LMForgeError(
             f"seq_len={seq_len} must be in [1, block_size={model.config.block_size}]"
         )
-    if not 0 < stride <= seq_len:
+    if stride > seq_len:
         raise LMForgeError(
             f"stride={stride} must be in [1, seq_len={seq_len}]: larger skips tokens"
         )
@@ -48,6 +65,13 @@ def main(cfg: DictConfig) -> dict:
             raise LMForgeError(
                 f"text_file={path} is not UTF-8 text ({e.reason} at byte {e.start})"
             ) from None
+        dropped, _, _ = unknown_characters(tok, text)
+        if dropped:
+            raise LMForgeError(
+                f"text_file={path} holds characters the tokenizer does not know:"
+                f" {describe(dropped)}; they would be skipped unscored: remove them, or evaluate a"
+                " model whose tokenizer covers them"
+            )
         streams = [np.asarray(tok.encode(text).ids, dtype=np.int64)]
         source = str(path)
     else:
@@ -68,12 +92,9 @@ def main(cfg: DictConfig) -> dict:
             f"{source} holds token ids beyond the model's vocabulary: another tokenizer?"
         )
 
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     precision = (
         cfg.precision if cfg.precision != "auto" else ("bf16" if device.type == "cuda" else "fp32")
     )
-    if precision not in ("bf16", "fp32"):
-        raise LMForgeError(f"precision={cfg.precision!r}: use auto, bf16 or fp32")
     model.to(device)
     total = count_windows([len(s) for s in streams], seq_len, stride)
     with Progress(transient=True) as progress:
@@ -107,11 +128,32 @@ def main(cfg: DictConfig) -> dict:
         f"{source[-40:]:<40}{result.tokens:>12,}{result.loss:>9.4f}{result.ppl:>10.3f}"
         f"{result.bits_per_byte or float('nan'):>11.4f}"
     )
-    if cfg.output:
+    if output is not None:
         from lmforge.files import atomic_write_bytes
 
-        atomic_write_bytes(Path(cfg.output), json.dumps(out, indent=2).encode())
+        atomic_write_bytes(output, json.dumps(out, indent=2).encode())
     return out
+
+
+def check_output(output: Path) -> None:
+    """Refuse an ``output=`` that cannot be written, before the evaluation, or that would
+    overwrite a file lmforge-eval did not write (a result of an earlier run is replaced)."""
+    if not output.parent.is_dir():
+        raise LMForgeError(f"output={output}: directory {output.parent} does not exist; create it")
+    if output.is_dir():
+        raise LMForgeError(f"output={output} is a directory: name a JSON file to write")
+    if not os.access(output.parent, os.W_OK):
+        raise LMForgeError(f"output={output}: directory {output.parent} is not writable")
+    if output.exists():
+        try:
+            earlier = json.loads(output.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+            earlier = None
+        if not (isinstance(earlier, dict) and {"checkpoint", "bits_per_byte"} <= earlier.keys()):
+            raise LMForgeError(
+                f"output={output} exists and is not a result of lmforge-eval: it is left as it"
+                " is; name another file"
+            )
 
 
 if __name__ == "__main__":

@@ -4,8 +4,9 @@
     python -c "import transformers; transformers.GPT2LMHeadModel.from_pretrained('exports/my-gpt')"
 
 GPT checkpoints become ``GPT2LMHeadModel`` directories, BERT (masked-LM) checkpoints
-``BertForMaskedLM`` ones: ``config.json``, ``model.safetensors``, ``tokenizer.json`` and
-``tokenizer_config.json`` (``PreTrainedTokenizerFast.from_pretrained`` reads them). Options
+``BertForMaskedLM`` ones, with the pooler that ``BertModel`` loads: ``config.json``,
+``model.safetensors``, ``tokenizer.json`` and ``tokenizer_config.json``
+(``PreTrainedTokenizerFast.from_pretrained`` reads them). Options
 that the transformers class cannot express (rotary positions, a pre-LayerNorm BERT) are
 refused. The directory is built aside and renamed into place.
 """

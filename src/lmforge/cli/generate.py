@@ -29,7 +29,13 @@ def load_model_and_tokenizer(ckpt_path, tokenizer_path):
     if tokenizer_path is not None:
         if not Path(tokenizer_path).is_file():
             raise LMForgeError(f"tokenizer={tokenizer_path}: no such file")
-        tok = Tokenizer.from_file(str(tokenizer_path))
+        try:
+            tok = Tokenizer.from_file(str(tokenizer_path))
+        except Exception as e:  # not JSON, or JSON of something else
+            raise LMForgeError(
+                f"tokenizer={tokenizer_path} cannot be read ({type(e).__name__}): pass the"
+                " tokenizer.json of the checkpoint's tokenizer"
+            ) from None
     if tok is None:
         raise LMForgeError(f"{ckpt_path} carries no tokenizer: pass tokenizer=<tokenizer.json>")
     if tok.get_vocab_size() > model.config.vocab_size:
@@ -40,27 +46,110 @@ def load_model_and_tokenizer(ckpt_path, tokenizer_path):
     return model, tok
 
 
+def unknown_characters(tok, text: str) -> tuple[list[str], list[str], str | None]:
+    """The characters of ``text`` that ``tok`` drops (a character-level tokenizer has no
+    unknown token: a character outside its training alphabet encodes to nothing, silently),
+    those it maps to its unknown token, and that token (None when it has none)."""
+    unk = getattr(tok.model, "unk_token", None)
+    unk_id = tok.token_to_id(unk) if unk else None
+    splits_on_space = tok.pre_tokenizer is not None  # whitespace separates words, not a token
+    dropped, to_unk = [], []
+    for ch in sorted(set(text)):
+        ids = tok.encode(ch, add_special_tokens=False).ids
+        if not ids and not (splits_on_space and ch.isspace()):
+            dropped.append(ch)
+        elif unk_id is not None and unk_id in ids:
+            to_unk.append(ch)
+    return dropped, to_unk, unk if unk_id is not None else None
+
+
+def describe(chars: list[str], limit: int = 8) -> str:
+    """``'é' (U+00E9), '😀' (U+1F600)``, the first ``limit`` of them."""
+    shown = ", ".join(f"{ch!r} (U+{ord(ch):04X})" for ch in chars[:limit])
+    return shown + (f" and {len(chars) - limit} more" if len(chars) > limit else "")
+
+
+def option(cfg: DictConfig, key: str, kind: type, ok, rule: str, nullable: bool = False):
+    """``cfg[key]`` when it is a ``kind`` (ints pass as floats) satisfying ``ok``; otherwise an
+    error naming the key, the value and ``rule``."""
+    value = cfg[key]
+    if value is None and nullable:
+        return None
+    kinds = (int, float) if kind is float else (kind,)
+    if (
+        isinstance(value, bool)
+        and kind is not bool
+        or not isinstance(value, kinds)
+        or not ok(value)
+    ):
+        raise LMForgeError(f"{key}={value!r}: {rule}")
+    return value
+
+
+def torch_device(name: str | None):
+    """The device ``name`` (None: cuda if available, else cpu), refused when it is not here."""
+    import torch
+
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise LMForgeError(f"device={name!r} is not a device: use cpu, cuda or cuda:<n>") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise LMForgeError(f"device={name}: no CUDA device here; use device=cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise LMForgeError(f"device={name}: there are {torch.cuda.device_count()} CUDA devices")
+    if device.type not in ("cpu", "cuda"):
+        raise LMForgeError(f"device={name}: use cpu, cuda or cuda:<n>")
+    return device
+
+
 @hydra.main(config_path=CONFIG_PATH, config_name="generate", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> list[str]:
     import torch
 
-    if cfg.max_new_tokens <= 0:
-        raise LMForgeError(f"max_new_tokens must be positive, got {cfg.max_new_tokens}")
-    if cfg.top_p is not None and not 0 < cfg.top_p <= 1:
-        raise LMForgeError(f"top_p must be in (0, 1], got {cfg.top_p}")
-    if cfg.repetition_penalty <= 0:
-        raise LMForgeError(f"repetition_penalty must be positive, got {cfg.repetition_penalty}")
-    model, tok = load_model_and_tokenizer(cfg.ckpt_path, cfg.tokenizer)
+    option(cfg, "max_new_tokens", int, lambda v: v > 0, "use a positive number of tokens")
+    option(cfg, "temperature", float, lambda v: v >= 0, "use 0 (greedy) or a positive number")
+    option(cfg, "top_k", int, lambda v: v >= 1, "use at least 1, or null for no top-k", True)
+    option(
+        cfg,
+        "top_p",
+        float,
+        lambda v: 0 < v <= 1,
+        "use a number in (0, 1], or null for no top-p",
+        True,
+    )
+    option(cfg, "repetition_penalty", float, lambda v: v > 0, "use a positive number (1: none)")
+    option(cfg, "num_samples", int, lambda v: v >= 1, "use at least 1 sample")
+    option(cfg, "seed", int, lambda v: v >= 0, "use a non-negative integer")
+    option(cfg, "stream", bool, lambda v: True, "use true or false")
+    device = torch_device(cfg.device)
     prompt = cfg.prompt
     if cfg.prompt_file is not None:
         if not Path(cfg.prompt_file).is_file():
             raise LMForgeError(f"prompt_file={cfg.prompt_file}: no such file")
-        prompt = Path(cfg.prompt_file).read_text()
+        try:
+            prompt = Path(cfg.prompt_file).read_text(encoding="utf-8")
+        except UnicodeDecodeError as e:
+            raise LMForgeError(
+                f"prompt_file={cfg.prompt_file} is not UTF-8 text ({e.reason} at byte {e.start})"
+            ) from None
+    if not isinstance(prompt, str):
+        prompt = str(prompt)  # prompt=42 is parsed as a number
+    model, tok = load_model_and_tokenizer(cfg.ckpt_path, cfg.tokenizer)
+    dropped, to_unk, unk = unknown_characters(tok, prompt)
+    if dropped:
+        raise LMForgeError(
+            f"the prompt holds characters the tokenizer does not know: {describe(dropped)}; they"
+            " would be dropped: remove them, or use a model whose tokenizer covers them"
+        )
+    if to_unk:  # what the model was trained to see for them: a warning, not a refusal
+        print(f"warning: the prompt's {describe(to_unk)} become {unk}", file=sys.stderr)
     ids = tok.encode(prompt).ids
     if not ids:
         raise LMForgeError("the prompt encodes to no tokens: pass a non-empty prompt=...")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
     idx = torch.tensor([ids] * cfg.num_samples, device=device)
     gen = torch.Generator(device=device).manual_seed(cfg.seed)

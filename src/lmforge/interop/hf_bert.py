@@ -2,10 +2,16 @@
 
 Our attention fuses query, key and value into one ``qkv`` matrix; theirs keeps three. The
 vocabulary is padded to a multiple of 64 on import and cut back on export.
+
+Our Bert has both an MLM head and a pooler; a BertForMaskedLM directory holds no pooler and a
+bare BertModel no MLM head. What a directory lacks is newly initialised on import, said in a
+warning, and recorded in ``model.untrained`` ({"mlm_head", "pooler"}), so that export never
+writes it as trained weights: an imported BertModel exports as a BertModel again.
 """
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
 
 import torch
@@ -49,14 +55,14 @@ def config_from_hf(hf: dict) -> BertConfig:
     )
 
 
-def config_to_hf(c: BertConfig) -> dict:
+def config_to_hf(c: BertConfig, architecture: str = "BertForMaskedLM") -> dict:
     if c.pre_ln:
         raise LMForgeError(
             "a pre-LayerNorm BERT (model.pre_ln=true) has no transformers BertForMaskedLM equivalent"
         )
     act = {"none": "gelu", "tanh": "gelu_pytorch_tanh"}[c.gelu_approximate]
     return {
-        "architectures": ["BertForMaskedLM"],
+        "architectures": [architecture],
         "model_type": "bert",
         "vocab_size": c.vocab_size,
         "hidden_size": c.n_embd,
@@ -138,19 +144,36 @@ def load_hf_bert(path: str | Path) -> Bert:
         raise LMForgeError(
             f"{path} lacks weights for {', '.join(missing[:3])}{' ...' if len(missing) > 3 else ''}"
         )
-    model.load_state_dict(
-        new, strict=False
-    )  # a bare BertModel has no MLM head, BertForMaskedLM no pooler
+    model.load_state_dict(new, strict=False)  # what is absent keeps its initialisation
+    model.untrained = {part for part in ("mlm_head", "pooler") if f"{part}.bias" not in new}
+    if "mlm_head" in model.untrained:
+        warnings.warn(
+            f"{path} is a bare BertModel: the MLM head is newly initialised (untrained); masked-LM"
+            " predictions are noise until it is trained, and an export writes a BertModel",
+            stacklevel=2,
+        )
+    if "pooler" in model.untrained:
+        warnings.warn(
+            f"{path} holds no pooler (BertForMaskedLM): it is newly initialised (untrained), as"
+            " transformers does for sequence classification",
+            stacklevel=2,
+        )
     return model.eval()
 
 
 def export_hf_bert(model: Bert, out: str | Path, tokenizer=None) -> Path:
-    """Write ``model`` as a transformers BertForMaskedLM directory (safetensors, config, tokenizer)."""
+    """Write ``model`` as a transformers BertForMaskedLM directory (safetensors, config,
+    tokenizer), its pooler under ``bert.pooler.dense``, where BertModel and
+    BertForSequenceClassification load it (BertForMaskedLM has none and ignores it). Parts that
+    were newly initialised on import (``model.untrained``) are left out: a model without a
+    trained MLM head is written as a BertModel."""
     c = model.config
+    untrained = getattr(model, "untrained", set())
     sd = model.state_dict()
-    state = {theirs: sd[ours] for ours, theirs in _pairs(c) if not ours.startswith("pooler.")}
+    state = {theirs: sd[ours] for ours, theirs in _pairs(c) if ours.split(".")[0] not in untrained}
     state["bert.embeddings.word_embeddings.weight"] = sd["tok_emb.weight"][: c.vocab_size]
-    state["cls.predictions.bias"] = sd["mlm_head.bias"][: c.vocab_size]
+    if "mlm_head" not in untrained:
+        state["cls.predictions.bias"] = sd["mlm_head.bias"][: c.vocab_size]
     for i in range(c.n_layer):
         p = f"bert.encoder.layer.{i}.attention.self."
         for n, w, b in zip(
@@ -159,6 +182,10 @@ def export_hf_bert(model: Bert, out: str | Path, tokenizer=None) -> Path:
             sd[f"blocks.{i}.attn.qkv.bias"].chunk(3),
         ):
             state[f"{p}{n}.weight"], state[f"{p}{n}.bias"] = w, b
+    architecture = "BertForMaskedLM"
+    if "mlm_head" in untrained:  # BertModel's own names, without the "bert." prefix
+        architecture = "BertModel"
+        state = {k.removeprefix("bert."): v for k, v in state.items()}
     tok_cfg = {
         "tokenizer_class": "BertTokenizerFast",
         "model_max_length": c.block_size,
@@ -168,4 +195,4 @@ def export_hf_bert(model: Bert, out: str | Path, tokenizer=None) -> Path:
         "mask_token": "[MASK]",
         "unk_token": "[UNK]",
     }
-    return write_hf_dir(out, config_to_hf(c), state, tokenizer, tok_cfg)
+    return write_hf_dir(out, config_to_hf(c, architecture), state, tokenizer, tok_cfg)
