@@ -736,13 +736,20 @@ def command(tool: str, args: list[str], sandbox: Path, case_dir: Path) -> list[s
     return [sys.executable, "-m", f"lmforge.cli.{tool}", *map(fill, args)]
 
 
+def invocation_record(path: Path) -> bool:
+    """Hydra's record of each invocation of a run directory, written before lmforge code runs:
+    ``.hydra/`` (the last command's config and overrides) and the appended ``train.log``. They
+    log the attempt itself, refused or not; every other file of a run must stay as it was."""
+    return ".hydra" in path.parts or path.name == "train.log"
+
+
 def hashes(root: Path, pattern: str) -> dict[str, str]:
     if pattern == "none":
         return {}
     return {
         str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
         for p in sorted(root.glob(pattern))
-        if p.is_file()
+        if p.is_file() and not invocation_record(p.relative_to(root))
     }
 
 

@@ -285,7 +285,7 @@ def finetune_runs(tmp_path_factory, corpus):
             f"data.prepare.source.paths=[{corpus}]",
             "trainer.max_steps=4",
             "logger=csv",
-            "callbacks=none",
+            "callbacks.text_samples=null",
         ],
         root / "pre",
     )

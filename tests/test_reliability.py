@@ -415,7 +415,8 @@ def zero_inside_a_tensor(path: Path, n: int = 4000) -> None:
     """Zero ``n`` bytes in the middle of a checkpoint's largest tensor record; the zip structure
     (and so torch.load) stays intact."""
     with zipfile.ZipFile(path) as archive:
-        record = max(archive.infolist(), key=lambda r: r.file_size)
+        tensors = [r for r in archive.infolist() if "/data/" in r.filename]  # not data.pkl
+        record = max(tensors, key=lambda r: r.file_size)
     data = bytearray(path.read_bytes())
     header = record.header_offset
     name_len, extra_len = struct.unpack("<HH", data[header + 26 : header + 30])

@@ -75,7 +75,12 @@ def shard(
     """Apply ``fully_shard`` to each of ``blocks``, then to ``model``, then to each of
     ``heads`` (a task's own modules outside the model, such as a classifier's linear head, whose
     gradients must be reduced over the ranks like the model's), in place."""
-    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import (
+        CPUOffloadPolicy,
+        MixedPrecisionPolicy,
+        fully_shard,
+        register_fsdp_forward_method,
+    )
 
     # The GPT returns its logits as a slice (padded vocabulary rows dropped); FSDP warns about
     # in-place edits of such views, which no lmforge loss makes.
@@ -93,5 +98,7 @@ def shard(
     # The root gathers the embeddings and head; after the forward it keeps them for the backward
     # (the head runs last, so resharding would gather them again at once).
     fully_shard(model, **(options | {"reshard_after_forward": False}))
+    if hasattr(model, "hidden"):  # the family protocol's entry point gathers like forward
+        register_fsdp_forward_method(model, "hidden")
     for head in heads:
         fully_shard(head, **(options | {"reshard_after_forward": False}))

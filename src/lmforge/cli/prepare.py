@@ -19,6 +19,8 @@ def main(cfg: DictConfig) -> None:
     from lmforge.data.prepare import prepare
 
     data = build(cfg.data, "data")
+    if not isinstance(cfg.force, bool):
+        raise LMForgeError(f"force={cfg.force!r}: use true or false")
     if data.prepare is None:
         raise LMForgeError(
             f"data config for {data.dir} has no `prepare` section: nothing to build it from"

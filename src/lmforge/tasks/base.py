@@ -62,8 +62,10 @@ class Recipe:
 class StepTokens:
     """Normalises the loss of an optimizer step by the real target tokens of the whole step.
 
-    Each micro-batch back-propagates ``loss_sum / scale`` (``scale``: a constant of the run,
-    e.g. the positions of one micro-batch); Lightning divides by the accumulation count A and
+    Each micro-batch back-propagates ``loss_sum / scale`` (``scale``: a constant of the run, the
+    same on every rank and micro-batch, e.g. the positions of one full micro-batch; padded or
+    short batches must not change it, or the ranks' gradients would be averaged with unequal
+    weights); Lightning divides by the accumulation count A and
     DDP averages over the world size W, so the accumulated gradient is
     sum(grad loss_sum) / (scale * A * W). Once the step's micro-batches are in, ``close``
     sums the step's loss and token count N over the ranks and returns the step's mean loss and

@@ -54,9 +54,11 @@ class ClassificationTask(LMTask):
         task: ClassificationConfig | dict | None = None,
         seed: int = 0,
         class_weights: list[float] | None = None,
+        batch_size: int = 32,
     ) -> None:
         super().__init__(task or ClassificationConfig(), seed)
         self.labels = list(labels)
+        self.batch_size = batch_size  # examples per micro-batch: the loss scale of every step
         self.model = self.make_model(model, family, labels=self.labels, class_weights=class_weights)
         self.model.remove_lm_head()  # pretraining's head; a linear head on features instead
         width = self.model.config.n_embd
@@ -79,7 +81,15 @@ class ClassificationTask(LMTask):
         dm = ClassificationDataModule(run.data, loaded.tokenizer, loaded.family.frame, run.cfg.seed)
         dm.setup("fit")
         weights = dm.class_weights().tolist() if run.data.balance == "weights" else None
-        module = cls(config, loaded.family.name, dm.labels, run.task, run.cfg.seed, weights)
+        module = cls(
+            config,
+            loaded.family.name,
+            dm.labels,
+            run.task,
+            run.cfg.seed,
+            weights,
+            run.data.batch_size,
+        )
         module.load_backbone(loaded.model.state_dict())
         rank_zero_info(f"classifier: labels {dm.labels}; {module.trained_share()}")
         return Recipe(
@@ -133,7 +143,7 @@ class ClassificationTask(LMTask):
         loss = F.cross_entropy(logits.float(), y, reduction="none", ignore_index=-100)
         loss_sum = (loss * w).sum()
         self.count_tokens(batch["input_ids"].numel())
-        return self.step_loss(loss_sum, w.sum(), scale=y.numel())
+        return self.step_loss(loss_sum, w.sum(), scale=self.batch_size)
 
     def _eval_step(self, batch, collection: MetricCollection) -> None:
         real = batch["labels"] >= 0  # blanks: a rank's filler, counted nowhere

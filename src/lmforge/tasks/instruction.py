@@ -29,9 +29,11 @@ class InstructionTask(LMTask):
         task: InstructionConfig | dict | None = None,
         seed: int = 0,
         family: str = "gpt",
+        positions: int = 4096,
     ) -> None:
         super().__init__(task or InstructionConfig(), seed)
-        self.model = self.make_model(model, family)
+        self.positions = positions  # batch_size x max_len: the loss scale of every step
+        self.model = self.make_model(model, family, positions=positions)
         self.task.lora.apply(self.model)
         self.sample_prompts: list[str] = []  # set by the recipe from the validation records
         self.tokenizer = None
@@ -44,7 +46,8 @@ class InstructionTask(LMTask):
         loaded, config = pretrained_model(run, run.data.max_len, causal=True)
         dm = InstructionDataModule(run.data, loaded.tokenizer, seed=run.cfg.seed)
         dm.setup("fit")
-        module = cls(config, run.task, run.cfg.seed, loaded.family.name)
+        positions = run.data.batch_size * run.data.max_len
+        module = cls(config, run.task, run.cfg.seed, loaded.family.name, positions)
         missing, _ = module.model.load_state_dict(loaded.model.state_dict(), strict=False)
         if any("lora_" not in k for k in missing):
             raise LMForgeError(f"the pretrained weights lack {', '.join(missing[:3])}")
@@ -69,7 +72,7 @@ class InstructionTask(LMTask):
         logits = self.model(batch["input_ids"], segments=batch.get("segments"))
         loss_sum, n = token_loss(logits, batch["labels"])
         self.count_tokens(batch["input_ids"].numel())
-        return self.step_loss(loss_sum, n, scale=batch["labels"].numel())
+        return self.step_loss(loss_sum, n, scale=self.positions)
 
     def validation_step(self, batch, batch_idx):
         self.update_val_loss(*token_loss(self.model(batch["input_ids"]), batch["labels"]))
