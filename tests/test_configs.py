@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lmforge.cli.train import train, validate
 from lmforge.config import CONF_DIR
@@ -112,9 +113,18 @@ def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_facto
             overrides += ["data.on_empty=skip", "data.max_len=32"]
         else:  # characters: the Alpaca prompt alone is ~170 tokens
             overrides += ["data.max_len=256"]
-        metrics = train(compose_train(overrides, tmp_path))
+        cfg = compose_train(overrides, tmp_path)
+        metrics = train(cfg)
         assert metrics["train/loss"] > 0
         assert "test/acc" in metrics or not experiment.startswith("finetune_")
+        # The run records the model it trained: the pretrained model's family and fields.
+        from omegaconf import OmegaConf
+
+        logged = OmegaConf.load(Path(cfg.paths.output_dir) / "config.yaml").model
+        pretrained = torch.load(ckpt, weights_only=True)["hyper_parameters"]["model"]
+        config_class = {"gpt": "gpt.GPTConfig", "bert": "bert.BertConfig"}[family]
+        assert logged._target_ == f"lmforge.models.{config_class}"
+        assert logged.n_layer == pretrained["n_layer"] and logged.n_embd == pretrained["n_embd"]
         return
     overrides = [f"experiment={experiment}", "debug=fdr", f"data.dir={data_root}/{experiment}"]
     cfg = compose_train(overrides, tmp_path)
@@ -141,7 +151,6 @@ def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_facto
         ("task.optim.lr=-1", "task.optim.lr must be positive"),
         ("model.vocab_size=10", "model.vocab_size=10 is smaller than the tokenizer's"),
         ("task.on_nonfinite=maybe", "task.on_nonfinite"),
-        ("data=sms_spam", "task=causal_lm trains on a prepared token set"),
         ("task=classification", "task=classification trains on labelled texts"),
         ("task.lora.rank=2", "task.lora"),
     ],

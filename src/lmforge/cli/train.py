@@ -42,27 +42,13 @@ class Run:
 
 def validate(cfg: DictConfig) -> Run:
     """Check every user-set field; raises LMForgeError naming the key and the fix."""
-    from lmforge.tasks.config import TaskConfig
-
-    task = build(cfg.task, "task")
-    if not isinstance(task, TaskConfig):
-        raise LMForgeError(f"task._target_ must name a task config, got {cfg.task._target_}")
+    task = build(cfg.task, "task")  # a lmforge.tasks.config.TaskConfig
     data = build(cfg.data, "data")
     task.check_data(data)
-    from lmforge.models.registry import FromPretrained
-
     # A null vocab_size is the tokenizer's, known once the data is prepared (recipe)
     vocab = {"vocab_size": cfg.model.vocab_size or 1} if "vocab_size" in cfg.model else {}
     model = build(cfg.model, "model", **vocab)
-
-    if task.pretrained != isinstance(model, FromPretrained):
-        raise LMForgeError(
-            f"task={task.name} takes its architecture from init_from: use model=pretrained"
-            " (model.dropout may be set)"
-            if task.pretrained
-            else f"task={task.name} trains a model of its own: choose one (model=gpt-mini, ...),"
-            " not model=pretrained"
-        )
+    task.check_model(model)
     seq_len = getattr(data, "seq_len", 0)
     if not task.pretrained and seq_len > model.block_size:
         raise LMForgeError(

@@ -67,6 +67,22 @@ class TaskConfig:
             f" data config of the task's kind"
         )
 
+    def check_model(self, model: Any) -> None:
+        """Refuse a model config that does not fit the task: a fine-tune takes its architecture
+        from init_from (``model=pretrained``), a pretraining task a model of its own."""
+        from lmforge.models.registry import FromPretrained
+
+        if self.pretrained and not isinstance(model, FromPretrained):
+            raise LMForgeError(
+                f"task={self.name} takes its architecture from init_from: use model=pretrained"
+                " (model.dropout may be set)"
+            )
+        if not self.pretrained and isinstance(model, FromPretrained):
+            raise LMForgeError(
+                f"task={self.name} trains a model of its own: choose one (model=gpt-mini, ...),"
+                " not model=pretrained"
+            )
+
 
 def _task_configs() -> list[type[TaskConfig]]:
     found, todo = [], list(TaskConfig.__subclasses__())
