@@ -737,10 +737,11 @@ def command(tool: str, args: list[str], sandbox: Path, case_dir: Path) -> list[s
 
 
 def invocation_record(path: Path) -> bool:
-    """Hydra's record of each invocation of a run directory, written before lmforge code runs:
-    ``.hydra/`` (the last command's config and overrides) and the appended ``train.log``. They
-    log the attempt itself, refused or not; every other file of a run must stay as it was."""
-    return ".hydra" in path.parts or path.name == "train.log"
+    """The record of each invocation of a run directory, refused or not: Hydra's ``.hydra/``
+    (the last command's config and overrides, written before lmforge code runs), the appended
+    ``train.log``, and ``.lock`` (the pid of the process holding the run directory). Every other
+    file of a run must stay as it was."""
+    return ".hydra" in path.parts or path.name in ("train.log", ".lock")
 
 
 def hashes(root: Path, pattern: str) -> dict[str, str]:
@@ -815,7 +816,8 @@ def run_case(case: Case, number: int, sandbox: Path) -> Result:
         result.error = result.error.replace(str(sandbox), "{S}")
     result.traceback = TRACEBACK in err or TRACEBACK in out
     after = hashes(case_dir, case.guard) if case.guard != "none" else {}
-    result.changed = [p for p, h in before.items() if after.get(p) != h]
+    set_aside = {h for p, h in after.items() if p.endswith(".corrupt")}  # renamed, bytes kept
+    result.changed = [p for p, h in before.items() if after.get(p) != h and h not in set_aside]
     for d, names in foreign_before.items():
         result.changed += [f"{d}/{n} (new)" for n in sorted(listing(case_dir / d) - names)]
     (case_dir / "stdout.txt").write_text(out)
