@@ -9,9 +9,7 @@ signal for a scheduler to requeue; ``resume=auto`` then continues from that chec
 
 from __future__ import annotations
 
-import contextlib
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -22,10 +20,9 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
+from lmforge import signals
 from lmforge.errors import LMForgeError
 from lmforge.files import atomic_torch_save
-
-EXIT_REQUEUE = 75  # EX_TEMPFAIL: stopped on request, resume with resume=auto
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -127,45 +124,6 @@ class Preempted(Exception):
     """Training stopped on SIGTERM / SIGUSR1 after saving a checkpoint."""
 
 
-_trained_to: int | None = None  # the step training ended at, once it has (Preemption sets it)
-
-
-@contextlib.contextmanager
-def stop_on_signals() -> Iterator[None]:
-    """SIGTERM and SIGUSR1 outside the training loop (preparing data, building the model,
-    validating before the first step) end the run with one line and exit status 75, as
-    ``Preemption`` does inside it: before the first step there is nothing to save, and the same
-    command starts the run again. Under SLURM SIGUSR1 is left to Lightning's auto-requeue."""
-    from lightning.fabric.plugins.environments import SLURMEnvironment
-
-    global _trained_to
-    _trained_to = None
-
-    def stop(signum, frame) -> None:
-        name = signal.Signals(signum).name
-        if _trained_to is None:
-            print(
-                f"stopped by {name} before the first training step: nothing to save; the same"
-                " command starts the run again",
-                flush=True,
-            )
-        else:
-            print(
-                f"stopped by {name} after training ended at step {_trained_to} (its checkpoints"
-                " are saved): resume with resume=auto",
-                flush=True,
-            )
-        raise SystemExit(EXIT_REQUEUE)
-
-    signals = [signal.SIGTERM] + ([] if SLURMEnvironment.detect() else [signal.SIGUSR1])
-    previous = {sig: signal.signal(sig, stop) for sig in signals}
-    try:
-        yield
-    finally:
-        for sig, handler in previous.items():
-            signal.signal(sig, handler)
-
-
 class Preemption(L.Callback):
     """On SIGTERM or SIGUSR1 (any rank), save ``step<N>-preempted.ckpt`` once the current
     optimizer step is done and logged, then stop with ``Preempted`` (``lmforge-train`` exits 75).
@@ -205,8 +163,7 @@ class Preemption(L.Callback):
             self._previous[sig] = signal.signal(sig, self._handler)
 
     def on_train_end(self, trainer, pl_module) -> None:
-        global _trained_to
-        _trained_to = trainer.global_step
+        signals.trained_to = trainer.global_step  # what a signal after training ends reports
         self._restore()
 
     def on_exception(self, trainer, pl_module, exception) -> None:

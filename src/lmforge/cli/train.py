@@ -69,8 +69,9 @@ def train(cfg: DictConfig) -> dict:
     from lightning.pytorch.loggers import CSVLogger, WandbLogger
     from lightning.pytorch.strategies import ModelParallelStrategy
 
-    from lmforge.callbacks.checkpointing import EXIT_REQUEUE, AtomicCheckpointIO, Preempted
+    from lmforge.callbacks.checkpointing import AtomicCheckpointIO, Preempted
     from lmforge.loggers import trim_metrics
+    from lmforge.signals import EXIT_REQUEUE
 
     out_dir = cfg.paths.output_dir
     ckpt_path, resume_step = resume_from(cfg.resume, Path(out_dir) / "checkpoints")
@@ -151,7 +152,7 @@ def _qualname(cls: type) -> str:
 @hydra.main(config_path=CONFIG_PATH, config_name="train", version_base="1.3")
 @reports_errors
 def main(cfg: DictConfig) -> float | None:
-    from lmforge.callbacks.checkpointing import stop_on_signals
+    from lmforge.signals import stop_on_signals
 
     with stop_on_signals():  # SIGTERM before the first step: one line, exit 75
         metrics = train(cfg)
