@@ -106,15 +106,18 @@ def staged_dir(out: Path, owned: Callable[[str], bool], fix: str) -> Iterator[Pa
     _clean_stale(out)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    tmp.mkdir()
+    tmp.mkdir()  # ours from here on: mkdir refuses an existing name
+    moved = False  # whether ``out`` (checked to be ours above) was moved to ``old``
     try:
         (tmp / MARKER).write_bytes(MARKER_TEXT)
         yield tmp
         if out.exists():
             os.replace(out, old)
+            moved = True
         os.replace(tmp, out)
     finally:
-        if old.exists() and not out.exists():  # interrupted between the two renames
-            os.replace(old, out)
-        shutil.rmtree(old, ignore_errors=True)
+        if moved:
+            if not out.exists():  # interrupted between the two renames
+                os.replace(old, out)
+            shutil.rmtree(old, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)

@@ -11,6 +11,7 @@ from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 
+from hydra.errors import InstantiationException
 from omegaconf import OmegaConf
 
 from lmforge.config import CONF_DIR
@@ -78,10 +79,9 @@ def reports_errors(fn: Callable) -> Callable:
             return fn(*args, **kwargs)
         except LMForgeError as e:
             exit_with_error(e)
-        except Exception as e:  # Hydra's instantiate wraps what a callback or strategy raised
-            cause = e.__cause__
-            if type(e).__name__ == "InstantiationException" and isinstance(cause, LMForgeError):
-                exit_with_error(cause)
+        except InstantiationException as e:  # what a callback or strategy raised, wrapped
+            if isinstance(e.__cause__, LMForgeError):
+                exit_with_error(e.__cause__)
             raise
 
     return wrapper

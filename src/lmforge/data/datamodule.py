@@ -185,13 +185,7 @@ class WithBlanks(torch.utils.data.Dataset):
         return len(self.dataset)
 
     def __getitem__(self, i: int):
-        if i >= 0:
-            return self.dataset[i]
-        sample = self.dataset[0]
-        if isinstance(sample, dict):  # a packed row
-            return blank(sample)
-        ids, target = sample
-        return ids, (-100 if isinstance(target, int) else [-100] * len(target))
+        return self.dataset[i] if i >= 0 else blank(self.dataset[0])
 
 
 class ExamplesDataModule(L.LightningDataModule):
@@ -222,7 +216,7 @@ class ExamplesDataModule(L.LightningDataModule):
     def _eval_loader(self, data, collate_fn) -> DataLoader:
         rank, world = self._rank()
         if world > 1:
-            data = RankShard(WithBlanks(data), rank, world, blank_index=-1)
+            data = RankShard(data, rank, world)
         return DataLoader(
             data,
             batch_size=self.config.val_batch_size or self.config.batch_size,

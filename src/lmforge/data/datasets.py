@@ -180,11 +180,8 @@ class RankShard(Dataset):
     DistributedSampler would instead repeat real items, counting them twice.
     """
 
-    def __init__(
-        self, dataset: Dataset, rank: int, world_size: int, blank_index: int | None = None
-    ) -> None:
+    def __init__(self, dataset: Dataset, rank: int, world_size: int) -> None:
         self.dataset, self.rank, self.world_size = dataset, rank, world_size
-        self.blank_index = blank_index  # the dataset's own blank item, if it has one
         self.n = len(dataset)
 
     def __len__(self) -> int:
@@ -194,16 +191,19 @@ class RankShard(Dataset):
         j = self.rank + i * self.world_size
         if j < self.n:
             return self.dataset[j]
-        if self.blank_index is not None:
-            return self.dataset[self.blank_index]
         return blank(self.dataset[0])
 
 
 def blank(sample):
-    """``sample`` with every target ignored (-100)."""
+    """``sample`` with every target ignored (-100): a dict's ``labels``, or the target of an
+    (input, target) pair, a tensor, a list of token labels or a class index."""
     if isinstance(sample, dict):
         return sample | {"labels": torch.full_like(sample["labels"], -100)}
     x, y = sample
+    if isinstance(y, int):
+        return x, -100
+    if isinstance(y, list):
+        return x, [-100] * len(y)
     return x, torch.full_like(y, -100)
 
 

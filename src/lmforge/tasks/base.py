@@ -383,10 +383,7 @@ class LMTask(L.LightningModule):
             checkpoint["tokenizer"] = dm.tokenizer.to_str()  # the tokenizer travels with the model
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
-        """Refuse a checkpoint of another model or tokenizer, naming what differs."""
-        from lmforge.run import refuse_other_model
-
-        dm = getattr(self._trainer, "datamodule", None) if self._trainer else None
-        refuse_other_model(checkpoint, self.hparams.get("model", {}), dm)
+        """Restore the counters of a resumed run. That the checkpoint holds this model and
+        tokenizer was checked before anything was written (``run.check_resumable``)."""
         self.tokens_seen = checkpoint.get("tokens_seen", 0)
         self.skipped_steps = checkpoint.get("skipped_steps", 0)
