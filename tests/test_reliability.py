@@ -115,6 +115,20 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
+def assert_same_run(resumed: Path, whole: Path, proc: subprocess.CompletedProcess) -> None:
+    """The logged loss of every step (to the last digit printed), then the final weights,
+    bitwise; a failure names the checkpoint the run resumed from and the first step that
+    differs."""
+    where = next(
+        (line for line in (proc.stdout + proc.stderr).splitlines() if "resuming from" in line),
+        "no 'resuming from' line",
+    )
+    got, want = losses(resumed), losses(whole)
+    differ = sorted(s for s in want.keys() | got.keys() if got.get(s) != want.get(s))
+    assert not differ, f"{where}; the loss differs from step {differ[0]} ({len(differ)} steps)"
+    assert_bitwise_equal(final_weights(resumed), final_weights(whole))
+
+
 @pytest.fixture(scope="module")
 def gpt(tmp_path_factory):
     logs = tmp_path_factory.mktemp("kill")
@@ -140,10 +154,9 @@ def test_killed_gpt_run_resumes_bitwise(gpt, sig):
     if sig == signal.SIGTERM:
         assert status == 75  # saved, then "requeue me"
         assert list((logs / "causal_lm" / name / "checkpoints").glob("*-preempted.ckpt"))
-    ok(run(command(logs, name, *common, "resume=auto")))
+    proc = ok(run(command(logs, name, *common, "resume=auto")))
     whole, resumed = logs / "causal_lm" / "whole", logs / "causal_lm" / name
-    assert_bitwise_equal(final_weights(resumed), final_weights(whole))
-    assert losses(resumed) == losses(whole)  # every step, to the last digit printed
+    assert_same_run(resumed, whole, proc)
     assert len(losses(whole)) == STEPS
 
 
@@ -164,9 +177,8 @@ def test_killed_bert_run_resumes_bitwise(tmp_path):
     interrupt(
         command(tmp_path, "killed", *common), runs / "killed", signal.SIGKILL, random.Random(3)
     )
-    ok(run(command(tmp_path, "killed", *common, "resume=auto")))
-    assert_bitwise_equal(final_weights(runs / "killed"), final_weights(runs / "whole"))
-    assert losses(runs / "killed") == losses(runs / "whole")
+    proc = ok(run(command(tmp_path, "killed", *common, "resume=auto")))
+    assert_same_run(runs / "killed", runs / "whole", proc)
 
 
 # In-process runs of gpt-nano on the tiny corpus (conftest's train_cfg).
@@ -204,6 +216,17 @@ def test_truncated_newest_checkpoint_falls_back_to_the_previous(train_cfg, tmp_p
         resumed["state_dict"],
         load_checkpoint(reference_dir / "checkpoints" / "last.ckpt")["state_dict"],
     )
+
+
+def test_a_kill_between_the_final_checkpoint_and_last_ckpt_leaves_no_stale_last(train_cfg):
+    """Killed after step000030.ckpt was written, before last.ckpt: last.ckpt still holds step
+    20. Resuming at the final step trains nothing more, yet last.ckpt becomes step 30."""
+    train(tiny(train_cfg, "trainer.max_steps=30", "callbacks.periodic_checkpoint.save_top_k=-1"))
+    ckpts = Path(tiny(train_cfg).paths.output_dir) / "checkpoints"
+    (ckpts / "step000020.ckpt").replace(ckpts / "last.ckpt")
+    train(tiny(train_cfg, "trainer.max_steps=30", "resume=auto"))
+    assert (ckpts / "last.ckpt").read_bytes() == (ckpts / "step000030.ckpt").read_bytes()
+    assert load_checkpoint(ckpts / "last.ckpt")["global_step"] == 30
 
 
 class NaNAtStep3(CausalLMTask):

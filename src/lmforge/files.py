@@ -38,6 +38,19 @@ def atomic_torch_save(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_copy(src: Path, path: Path) -> None:
+    """Copy ``src`` to a temporary name beside ``path``, fsync, and rename it over ``path``."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(src, "rb") as fin, open(tmp, "wb") as fout:
+            shutil.copyfileobj(fin, fout, 16 << 20)
+            fout.flush()
+            os.fsync(fout.fileno())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 MARKER = ".lmforge"  # written into every directory lmforge builds with staged_dir
 MARKER_TEXT = b"Written by lmforge, which may replace this directory as a whole.\n"
 

@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lmforge import signals
 from lmforge.errors import LMForgeError
-from lmforge.files import atomic_torch_save
+from lmforge.files import atomic_copy, atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
@@ -52,7 +52,11 @@ class RunCheckpoint(ModelCheckpoint):
       from the checkpoint are taken into the new directory, where Lightning would forget them
       and write ``last-v1.ckpt`` beside a stale ``last.ckpt``;
     - retention also removes the checkpoint the run resumed from once it falls out of the
-      kept ones (Lightning keeps that one forever).
+      kept ones (Lightning keeps that one forever);
+    - a run killed after writing a step's checkpoint but before its ``last.ckpt`` resumes from
+      the step's file; ``last.ckpt`` (what export, eval and fine-tuning read) is brought up to
+      that file, byte for byte, before training goes on, so it is never left behind, not even
+      when the resumed step is the final one and nothing more is saved.
     """
 
     _step_at_batch_start: int | None = None
@@ -62,6 +66,24 @@ class RunCheckpoint(ModelCheckpoint):
         super().on_train_start(trainer, pl_module)
         if trainer.ckpt_path:  # the resumed step has its checkpoint: never saved twice
             self._last_global_step_saved = trainer.global_step
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # here, not in on_train_start: a run resumed at its final step skips the training loop
+        if trainer.ckpt_path and self.save_last and self.dirpath and trainer.is_global_zero:
+            self._bring_last_up_to(Path(trainer.ckpt_path))
+
+    def _bring_last_up_to(self, resumed: Path) -> None:
+        last = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        if not resumed.is_file() or resumed.parent.absolute() != last.parent.absolute():
+            return  # a checkpoint from elsewhere, or a sharded (directory) one
+        if resumed.name == last.name:
+            return
+        from lmforge.checkpoint import checkpoint_step
+
+        step = checkpoint_step(last, verify=False) if last.is_file() else None
+        if step is None or step < (checkpoint_step(resumed, verify=False) or 0):
+            atomic_copy(resumed, last)
+            self.last_model_path = str(last)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         self._step_at_batch_start = trainer.global_step
