@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from lmforge.errors import LMForgeError
 from lmforge.files import atomic_torch_save
-from lmforge.models.registry import Family, family_for_hf
+from lmforge.models.registry import Family, family_for_hf, hf_model_types
 from lmforge.models.registry import family as get_family
 
 
@@ -221,7 +221,15 @@ def local_path(source: str | Path) -> Path:
         return Path(
             snapshot_download(
                 str(source),
-                allow_patterns=["config.json", "model.safetensors", "tokenizer.json"],
+                allow_patterns=[
+                    "config.json",
+                    "generation_config.json",
+                    "*.safetensors",
+                    "model.safetensors.index.json",
+                    "tokenizer.json",
+                    "tokenizer_config.json",
+                    "special_tokens_map.json",
+                ],
             )
         )
     except Exception as e:
@@ -265,18 +273,23 @@ def load_model(source: str | Path, causal: bool | None = None, what: str = "") -
     refuse a model that is not (True) or is (False) a causal LM, ``what`` naming the use."""
     path = local_path(source)
     if path.is_dir() and (path / "config.json").is_file():
-        import json
+        from lmforge.interop.common import config_json
 
-        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        hf = config_json(path)
         try:
-            fam = family_for_hf(model_type)
-        except ValueError as e:
-            raise LMForgeError(f"{source}: {e}") from None
+            fam = family_for_hf(hf.get("model_type"))
+        except ValueError:
+            arch = ", ".join(hf.get("architectures") or []) or "no architectures"
+            raise LMForgeError(
+                f"{path / 'config.json'}: model_type {hf.get('model_type')!r} ({arch}) is not"
+                f" supported (lmforge imports {', '.join(hf_model_types())}): convert the model to"
+                " one of these, or register a family for it (docs/architecture.md)"
+            ) from None
         loaded = Loaded(fam.import_hf(path), hf_tokenizer(path), fam, ours=False)
     else:
         loaded = _load_ours(path)
     if causal is not None and loaded.family.causal != causal:
-        kind = "a causal LM (GPT)" if causal else "a masked LM (BERT)"
+        kind = "a causal LM (GPT, Llama, ...)" if causal else "a masked LM (BERT)"
         raise LMForgeError(
             f"{source} holds a {loaded.family.name.upper()}: {what or 'this'} needs {kind}"
         )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -11,8 +12,23 @@ from lmforge.errors import LMForgeError
 from lmforge.files import staged_dir
 
 EXPORT_FILES = frozenset(
-    {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"}
-)  # what write_hf_dir writes
+    {
+        "config.json",
+        "model.safetensors",
+        "model.safetensors.index.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
+)  # what write_hf_dir writes, besides the shards of a sharded export
+SHARD = re.compile(r"model-\d{5}-of-\d{5}\.safetensors")
+INDEX = "model.safetensors.index.json"
+
+
+def exported(name: str) -> bool:
+    """Whether a file of this name is one that write_hf_dir writes."""
+    return name in EXPORT_FILES or SHARD.fullmatch(name) is not None
 
 
 def pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -53,28 +69,162 @@ def read_hf_dir(path: str | Path) -> tuple[dict, dict[str, torch.Tensor]]:
     return config, state
 
 
+def config_json(path: Path) -> dict:
+    """The ``config.json`` of a transformers directory, as a dict."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise LMForgeError(
+            f"{config_file} not found: give a directory written by transformers' save_pretrained"
+        )
+    try:
+        return json.loads(config_file.read_text())
+    except json.JSONDecodeError as e:
+        raise LMForgeError(f"{config_file} is not valid JSON ({e}): restore the file") from None
+
+
+class SafetensorsDir:
+    """The tensors of a ``save_pretrained`` directory, read one at a time (``safe_open``):
+    ``model.safetensors``, or the shards that ``model.safetensors.index.json`` lists. Nothing
+    is read until asked for, so an import holds at most one tensor beside the model it fills.
+    Every problem is an LMForgeError naming the file and the fix."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        index, single = self.path / INDEX, self.path / "model.safetensors"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise LMForgeError(
+                    f"{index} is not a shard index (no weight_map: {type(e).__name__}): restore"
+                    " it from the model's source"
+                ) from None
+            self.source = index
+            self.files = {name: self.path / file for name, file in weight_map.items()}
+            for file in sorted(set(self.files.values())):
+                if not file.is_file():
+                    raise LMForgeError(
+                        f"{file} not found, though {INDEX} lists it: download the missing shard"
+                        " (or the whole directory) again"
+                    )
+        elif single.is_file():
+            self.source = single
+            self.files = dict.fromkeys(self._keys(single), single)
+        else:
+            found = "pytorch_model.bin" if (self.path / "pytorch_model.bin").is_file() else None
+            fix = (
+                "convert pytorch_model.bin to safetensors (transformers: save_pretrained)"
+                if found
+                else "give a directory written by transformers' save_pretrained"
+            )
+            raise LMForgeError(f"{self.path} holds neither model.safetensors nor {INDEX}: {fix}")
+
+    @staticmethod
+    def _keys(file: Path) -> list[str]:
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                return list(f.keys())
+        except Exception as e:
+            raise LMForgeError(
+                f"{file} cannot be read ({type(e).__name__}): the file is corrupt or truncated;"
+                " download it again"
+            ) from None
+
+    def names(self) -> set[str]:
+        return set(self.files)
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.files
+
+    def read(self, name: str, needed_by: str = "config.json") -> torch.Tensor:
+        """The tensor ``name``, read from its file alone."""
+        from safetensors import safe_open
+
+        file = self.files.get(name)
+        if file is None:
+            raise LMForgeError(
+                f"{self.source} has no tensor {name}, which {needed_by} needs: the checkpoint is"
+                " incomplete or config.json describes another model; download it again"
+            )
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                if name not in f.keys():  # noqa: SIM118 (safe_open has no __contains__)
+                    raise LMForgeError(
+                        f"{file} has no tensor {name}, though {INDEX} places it there: the shard is"
+                        " incomplete or from another checkpoint; download it again"
+                    )
+                return f.get_tensor(name)
+        except LMForgeError:
+            raise
+        except Exception as e:
+            raise LMForgeError(
+                f"{file} cannot be read ({type(e).__name__}): the file is corrupt or truncated;"
+                " download it again"
+            ) from None
+
+
+def _shards(state: dict[str, torch.Tensor], max_bytes: int) -> list[dict[str, torch.Tensor]]:
+    """``state`` cut, in order, into groups of at most ``max_bytes`` (a larger tensor alone)."""
+    groups: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in state.items():
+        n = t.numel() * t.element_size()
+        if groups[-1] and size + n > max_bytes:
+            groups.append({})
+            size = 0
+        groups[-1][name] = t
+        size += n
+    return groups
+
+
 def write_hf_dir(
     out: str | Path,
     config: dict,
     state: dict[str, torch.Tensor],
     tokenizer=None,
     tokenizer_config: dict | None = None,
+    extra_files: dict[str, str] | None = None,
+    max_shard_bytes: int | None = None,
 ) -> Path:
-    """Write config.json, model.safetensors and tokenizer files into ``out`` (built aside, then
-    renamed); an existing ``out`` is replaced only when it is an export of lmforge (or empty)."""
+    """Write config.json, the weights and tokenizer files into ``out`` (built aside, then
+    renamed); an existing ``out`` is replaced only when it is an export of lmforge (or empty).
+
+    The weights go into ``model.safetensors``, or, when they exceed ``max_shard_bytes``, into
+    shards ``model-0000i-of-0000n.safetensors`` listed by ``model.safetensors.index.json``, as
+    transformers writes them. ``extra_files`` (name -> text; names of ``EXPORT_FILES``) are
+    written as given, after the tokenizer files (a ``tokenizer_config.json`` among them replaces
+    the one made from ``tokenizer_config``)."""
     from safetensors.torch import save_file
 
     out = Path(out)
-    with staged_dir(
-        out, EXPORT_FILES.__contains__, "choose another output directory (a new or empty one)"
-    ) as tmp:
+    for name in extra_files or {}:
+        if name not in EXPORT_FILES:
+            raise ValueError(f"write_hf_dir writes no file named {name}")
+    with staged_dir(out, exported, "choose another output directory (a new or empty one)") as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2))
-        save_file(
-            {k: v.detach().contiguous().cpu() for k, v in state.items()},
-            str(tmp / "model.safetensors"),
-            metadata={"format": "pt"},
-        )
+        groups = _shards(state, max_shard_bytes) if max_shard_bytes else [state]
+        weight_map = {}
+        for i, group in enumerate(groups, 1):
+            name = (
+                "model.safetensors"
+                if len(groups) == 1
+                else f"model-{i:05d}-of-{len(groups):05d}.safetensors"
+            )
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in group.items()},
+                str(tmp / name),
+                metadata={"format": "pt"},
+            )
+            weight_map |= dict.fromkeys(group, name)
+        if len(groups) > 1:
+            total = sum(t.numel() * t.element_size() for t in state.values())
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            (tmp / INDEX).write_text(json.dumps(index, indent=2))
         if tokenizer is not None:
             tokenizer.save(str(tmp / "tokenizer.json"))
             (tmp / "tokenizer_config.json").write_text(json.dumps(tokenizer_config or {}, indent=2))
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     return out

@@ -1,6 +1,11 @@
-"""A GPT in plain PyTorch: pre-LayerNorm decoder blocks over one causal attention module.
+"""A GPT in plain PyTorch: pre-norm decoder blocks over one causal attention module.
 
-GPT-2 layout (learned positions, GELU-tanh MLP, tied embeddings); rotary positions as an option.
+GPT-2 layout by default (learned positions, LayerNorm, GELU-tanh MLP, tied embeddings). The
+modern decoders are options of the same model, set by typed fields: rotary positions (with
+Llama 3's scaling), RMSNorm, a SwiGLU MLP of its own width, grouped-query attention, q/k/v
+biases, QK-norm, a sliding window. ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` and
+``Qwen3Config`` are those options' defaults for each family (``models/registry.py``); the model
+is this one ``GPT``.
 """
 
 from __future__ import annotations
@@ -25,40 +30,108 @@ class GPTConfig:
     n_layer: int = 12
     n_head: int = 12
     n_embd: int = 768
-    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * n_embd
+    mlp_ratio: int = 4  # MLP hidden width = mlp_ratio * n_embd, unless intermediate_size is set
     dropout: float = 0.0
     bias: bool = True  # biases in Linear layers and LayerNorms
     pos_emb: str = "learned"  # "learned" (GPT-2) or "rotary"
     rope_base: float = 10000.0
     gelu_approximate: str = "tanh"  # "tanh" is GPT-2's gelu_new; "none" is the exact erf GELU
-    ln_eps: float = 1e-5
+    ln_eps: float = 1e-5  # epsilon of every LayerNorm / RMSNorm
     tie_weights: bool = True  # lm_head shares the token embedding
     pad_vocab_multiple: int = 64  # embedding rows padded to a multiple of this (fast matmuls)
+    norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
+    mlp: str = "gelu"  # "gelu" (GPT-2) or "swiglu" (Llama: proj(silu(gate) * up))
+    intermediate_size: int | None = None  # MLP hidden width; null: mlp_ratio * n_embd
+    n_kv_head: int | None = None  # key/value heads; null: n_head; fewer: grouped-query; 1: MQA
+    head_dim: int | None = None  # width of a head; null: n_embd // n_head
+    qkv_bias: bool = False  # biases on q/k/v even with bias=false (Qwen2)
+    qk_norm: bool = False  # RMSNorm on each head of q and k before rotary (Qwen3)
+    sliding_window: int | None = None  # a token sees the last this-many positions (Mistral)
+    # Llama 3 rotary scaling: {factor, low_freq_factor, high_freq_factor,
+    # original_max_position_embeddings}; null: none
+    rope_scaling: dict[str, float] | None = None
     padded_vocab_size: int = field(init=False)
-    head_dim: int = field(init=False)
 
     def __post_init__(self) -> None:
-        check_config(self, ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"))
-        if self.pos_emb not in ("learned", "rotary"):
+        """Checks the fields; a null ``intermediate_size``, ``n_kv_head`` or ``head_dim`` is set
+        to the value it stands for (so checkpoints record the real geometry)."""
+        name = type(self).__name__
+        check_config(
+            self,
+            ("vocab_size", "block_size", "n_layer", "n_head", "n_embd", "mlp_ratio"),
+            head_dim=self.head_dim,
+        )
+        for key, allowed in (
+            ("pos_emb", ("learned", "rotary")),
+            ("norm", ("layernorm", "rmsnorm")),
+            ("mlp", ("gelu", "swiglu")),
+        ):
+            if getattr(self, key) not in allowed:
+                raise ValueError(
+                    f"{name}.{key} must be one of {', '.join(allowed)}, got {getattr(self, key)!r}"
+                )
+        if self.intermediate_size is None:
+            self.intermediate_size = self.mlp_ratio * self.n_embd
+        if self.n_kv_head is None:
+            self.n_kv_head = self.n_head
+        for key in ("intermediate_size", "n_kv_head", "sliding_window"):
+            value = getattr(self, key)
+            if value is not None and value <= 0:
+                raise ValueError(f"{name}.{key} must be positive, got {value}")
+        if self.n_head % self.n_kv_head:
             raise ValueError(
-                f"GPTConfig.pos_emb must be 'learned' or 'rotary', got {self.pos_emb!r}"
+                f"{name}.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
             )
+        if self.rope_scaling is not None:
+            keys = {
+                "factor",
+                "low_freq_factor",
+                "high_freq_factor",
+                "original_max_position_embeddings",
+            }
+            if set(self.rope_scaling) != keys:
+                raise ValueError(
+                    f"{name}.rope_scaling takes exactly {', '.join(sorted(keys))} (Llama 3),"
+                    f" got {', '.join(sorted(self.rope_scaling))}"
+                )
+            self.rope_scaling = {k: float(v) for k, v in self.rope_scaling.items()}
+            if self.pos_emb != "rotary":
+                raise ValueError(f"{name}.rope_scaling needs pos_emb=rotary")
+
+
+def make_norm(config: GPTConfig) -> nn.Module:
+    """The normalisation layer the config asks for (``norm``): LayerNorm or RMSNorm."""
+    if config.norm == "rmsnorm":
+        return nn.RMSNorm(config.n_embd, eps=config.ln_eps)
+    return nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
 
 
 class Block(nn.Module):
-    """Pre-LayerNorm transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+    """Pre-norm transformer block: x + attn(norm(x)), then x + mlp(norm(x))."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
-        self.attn = Attention(config.n_embd, config.n_head, config.dropout, config.bias)
-        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
+        self.ln_1 = make_norm(config)
+        self.attn = Attention(
+            config.n_embd,
+            config.n_head,
+            config.dropout,
+            config.bias,
+            n_kv_head=config.n_kv_head,
+            head_dim=config.head_dim,
+            qkv_bias=config.qkv_bias,
+            qk_norm=config.qk_norm,
+            norm_eps=config.ln_eps,
+            window=config.sliding_window,
+        )
+        self.ln_2 = make_norm(config)
         self.mlp = MLP(
             config.n_embd,
-            config.mlp_ratio * config.n_embd,
+            config.intermediate_size,
             config.dropout,
             config.bias,
             config.gelu_approximate,
+            gated=config.mlp == "swiglu",
         )
 
     def forward(
@@ -90,19 +163,33 @@ class GPT(nn.Module):
         self.checkpoint_blocks = (
             False  # activation checkpointing: keep only block inputs in training
         )
-        self.ln_f = nn.LayerNorm(config.n_embd, eps=config.ln_eps, bias=config.bias)
+        self.ln_f = make_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.padded_vocab_size, bias=False)
         if config.pos_emb == "rotary":
-            cos, sin = rotary_tables(config.head_dim, config.block_size, config.rope_base)
-            self.register_buffer("rope_cos", cos, persistent=False)
-            self.register_buffer("rope_sin", sin, persistent=False)
+            self.register_buffer("rope_cos", torch.empty(0), persistent=False)
+            self.register_buffer("rope_sin", torch.empty(0), persistent=False)
+            self.reset_buffers()
         self.reset_parameters()
-        if config.tie_weights:
-            self.lm_head.weight = self.tok_emb.weight  # the one place weights are tied
+        self.tie_weights()
 
     def reset_parameters(self) -> None:
         """GPT-2 initialisation (``layers.init_weights``)."""
         init_weights(self, self.config.n_layer)
+
+    def reset_buffers(self) -> None:
+        """Compute the rotary tables (not saved in checkpoints): at construction, and again after
+        a model built on the meta device is given real storage (``to_empty``)."""
+        c = self.config
+        if c.pos_emb == "rotary":
+            device = self.tok_emb.weight.device
+            cos, sin = rotary_tables(c.head_dim, c.block_size, c.rope_base, c.rope_scaling)
+            self.rope_cos, self.rope_sin = cos.to(device), sin.to(device)
+
+    def tie_weights(self) -> None:
+        """The one place weights are tied: lm_head shares the token embedding (``tie_weights``).
+        Called again after ``to_empty``, which gives each of the two its own storage."""
+        if self.config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
 
     def num_params(self, exclude_position_embeddings: bool = False) -> int:
         """Parameter count, tied weights counted once."""
@@ -289,3 +376,39 @@ def filter_logits(
         drop = torch.zeros_like(drop).scatter(1, order, drop)  # back to vocabulary order
         logits = logits.masked_fill(drop, float("-inf"))
     return logits
+
+
+# The modern decoder families: the same GPT, with their options as defaults. Each is its own
+# class so that a checkpoint or config names its family (``models/registry.py``) and exports
+# as that transformers architecture; the fields themselves are the GPT's.
+
+
+@dataclass
+class LlamaConfig(GPTConfig):
+    """Llama (2, 3; SmolLM2): rotary positions, RMSNorm, SwiGLU MLP, no biases, untied head."""
+
+    pos_emb: str = "rotary"
+    norm: str = "rmsnorm"
+    mlp: str = "swiglu"
+    bias: bool = False
+    ln_eps: float = 1e-6
+    tie_weights: bool = False
+
+
+@dataclass
+class MistralConfig(LlamaConfig):
+    """Mistral: Llama's block, with a sliding attention window as an option."""
+
+
+@dataclass
+class Qwen2Config(LlamaConfig):
+    """Qwen2 / Qwen2.5: Llama's block with biases on the query, key and value projections."""
+
+    qkv_bias: bool = True
+
+
+@dataclass
+class Qwen3Config(LlamaConfig):
+    """Qwen3: Llama's block with an RMSNorm on each query and key head (QK-norm)."""
+
+    qk_norm: bool = True

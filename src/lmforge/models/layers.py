@@ -31,13 +31,35 @@ class KVCache:
 
 
 def rotary_tables(
-    head_dim: int, max_len: int, base: float = 10000.0
+    head_dim: int, max_len: int, base: float = 10000.0, scaling: dict | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables for rotary position embeddings (half-split layout, as in GPT-NeoX/Llama)."""
+    """cos/sin tables for rotary position embeddings (half-split layout, as in GPT-NeoX/Llama).
+    ``scaling``: Llama 3's frequency scaling (``llama3_frequencies``), or None."""
     inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
+    if scaling is not None:
+        inv_freq = llama3_frequencies(inv_freq, **scaling)
     angles = torch.outer(torch.arange(max_len, dtype=torch.float32), inv_freq)  # (T, head_dim/2)
     angles = torch.cat([angles, angles], dim=-1)  # (T, head_dim)
     return angles.cos(), angles.sin()
+
+
+def llama3_frequencies(
+    inv_freq: torch.Tensor,
+    factor: float,
+    low_freq_factor: float,
+    high_freq_factor: float,
+    original_max_position_embeddings: float,
+) -> torch.Tensor:
+    """Llama 3.1's rotary frequencies for long contexts: wavelengths longer than the original
+    context / ``low_freq_factor`` are stretched by ``factor``, those shorter than original /
+    ``high_freq_factor`` kept, and the band between interpolated smoothly."""
+    old = original_max_position_embeddings
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    scaled = torch.where(wavelen > old / low_freq_factor, inv_freq / factor, inv_freq)
+    medium = (wavelen >= old / high_freq_factor) & (wavelen <= old / low_freq_factor)
+    return torch.where(medium, smoothed, scaled)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -53,16 +75,48 @@ class Attention(nn.Module):
     The one attention module of lmforge: causal for GPT (``is_causal``), bidirectional with a
     padding mask for BERT. On CUDA with bf16/fp16 and no explicit mask, SDPA dispatches to the
     flash kernel.
+
+    Options of the modern decoders: ``n_kv_head`` < ``n_head`` shares each key/value head among
+    ``n_head // n_kv_head`` query heads (grouped-query; 1: multi-query), and the cache keeps only
+    the ``n_kv_head`` heads; ``head_dim`` apart from ``n_embd // n_head`` (Qwen3); ``qkv_bias``:
+    biases on the query, key and value projections even when ``bias`` is off (Qwen2);
+    ``qk_norm``: an RMSNorm over each head of the queries and keys before rotary (Qwen3,
+    OLMo-2 style); ``window``: each query sees only the last ``window`` positions, itself
+    included (Mistral's sliding window).
     """
 
-    def __init__(self, n_embd: int, n_head: int, dropout: float = 0.0, bias: bool = True) -> None:
+    def __init__(
+        self,
+        n_embd: int,
+        n_head: int,
+        dropout: float = 0.0,
+        bias: bool = True,
+        *,
+        n_kv_head: int | None = None,
+        head_dim: int | None = None,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        norm_eps: float = 1e-6,
+        window: int | None = None,
+    ) -> None:
         super().__init__()
-        if n_embd % n_head:
+        if head_dim is None and n_embd % n_head:
             raise ValueError(f"n_embd ({n_embd}) must be divisible by n_head ({n_head})")
         self.n_head = n_head
-        self.head_dim = n_embd // n_head
-        self.qkv = nn.Linear(n_embd, 3 * n_embd, bias=bias)
-        self.proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.n_kv_head = n_kv_head or n_head
+        if n_head % self.n_kv_head:
+            raise ValueError(f"n_head ({n_head}) must be a multiple of n_kv_head ({n_kv_head})")
+        self.head_dim = head_dim or n_embd // n_head
+        self.window = window
+        q_size, kv_size = n_head * self.head_dim, self.n_kv_head * self.head_dim
+        self.sizes = (q_size, kv_size, kv_size)  # query, key, value rows of ``qkv``
+        self.qkv = nn.Linear(n_embd, q_size + 2 * kv_size, bias=bias or qkv_bias)
+        self.proj = nn.Linear(q_size, n_embd, bias=bias)
+        if qk_norm:
+            self.q_norm = nn.RMSNorm(self.head_dim, eps=norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim, eps=norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
         self.dropout = dropout
         self.resid_dropout = nn.Dropout(dropout)
 
@@ -78,18 +132,29 @@ class Attention(nn.Module):
         past: int = 0,
     ) -> torch.Tensor:
         """``past`` is the number of positions already in ``cache`` before this forward pass."""
-        B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, n_head, T, head_dim)
-        k = k.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
-        v = v.view(B, T, self.n_head, self.head_dim).transpose(1, 2)
+        B, T, _ = x.shape
+        H, KV, D = self.n_head, self.n_kv_head, self.head_dim
+        q, k, v = self.qkv(x).split(self.sizes, dim=2)
+        q = q.view(B, T, H, D)
+        k = k.view(B, T, KV, D)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = q.transpose(1, 2)  # (B, n_head, T, head_dim)
+        k = k.transpose(1, 2)  # (B, n_kv_head, T, head_dim)
+        v = v.view(B, T, KV, D).transpose(1, 2)
         if rope is not None:
             cos, sin = rope
             if cos.dim() == 2:  # the whole table: this pass's positions; else (B, 1, T, D) given
                 cos, sin = cos[past : past + T], sin[past : past + T]
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            k, v = cache.update(layer, k, v)  # (B, n_head, past + T, head_dim)
+            k, v = cache.update(layer, k, v)  # (B, n_kv_head, past + T, head_dim)
+        if causal and self.window is not None and past + T > self.window:
+            # Query i (at position past + i) sees keys j with i - window < j <= i.
+            i = torch.arange(past, past + T, device=x.device)[:, None]
+            j = torch.arange(past + T, device=x.device)[None, :]
+            band = (j <= i) & (j > i - self.window)  # (T, past + T)
+            attn_mask = band if attn_mask is None else attn_mask & band
         if causal and attn_mask is not None:
             causal = False  # the mask given already holds the causal structure
         if causal and past > 0:
@@ -104,13 +169,16 @@ class Attention(nn.Module):
             attn_mask=attn_mask,
             dropout_p=self.dropout if self.training else 0.0,
             is_causal=causal and attn_mask is None,
+            enable_gqa=KV != H,
         )  # (B, n_head, T, head_dim)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        y = y.transpose(1, 2).contiguous().view(B, T, H * D)
         return self.resid_dropout(self.proj(y))
 
 
 class MLP(nn.Module):
-    """Two linear layers with a GELU between them, 4x wide by default."""
+    """Two linear layers with a GELU between them, 4x wide by default; with ``gated`` a SwiGLU
+    (Llama): ``fc`` holds the gate and the up projection side by side (2 * hidden rows) and the
+    block computes ``proj(silu(gate) * up)``."""
 
     def __init__(
         self,
@@ -119,25 +187,37 @@ class MLP(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         approximate: str = "none",
+        gated: bool = False,
     ) -> None:
         super().__init__()
-        self.fc = nn.Linear(n_embd, hidden, bias=bias)
-        self.act = nn.GELU(approximate=approximate)
+        self.gated = gated
+        self.fc = nn.Linear(n_embd, 2 * hidden if gated else hidden, bias=bias)
+        self.act = nn.SiLU() if gated else nn.GELU(approximate=approximate)
         self.proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.dropout(self.proj(self.act(self.fc(x))))
+        h = self.fc(x)
+        if self.gated:
+            gate, up = h.chunk(2, dim=-1)
+            h = self.act(gate) * up
+        else:
+            h = self.act(h)
+        return self.dropout(self.proj(h))
 
 
-def check_config(config, positive: tuple[str, ...]) -> None:
+def check_config(config, positive: tuple[str, ...], head_dim: int | None = None) -> None:
     """The checks every model config shares; sets the derived ``padded_vocab_size`` and
-    ``head_dim``. Raises ValueError naming the config class and the field."""
+    ``head_dim`` (``n_embd // n_head`` unless ``head_dim`` is given). Raises ValueError naming
+    the config class and the field."""
     name = type(config).__name__
     for field in positive:
         if getattr(config, field) <= 0:
             raise ValueError(f"{name}.{field} must be positive, got {getattr(config, field)}")
-    if config.n_embd % config.n_head:
+    if head_dim is not None:
+        if head_dim <= 0:
+            raise ValueError(f"{name}.head_dim must be positive, got {head_dim}")
+    elif config.n_embd % config.n_head:
         raise ValueError(
             f"{name}: n_embd ({config.n_embd}) must be divisible by n_head ({config.n_head})"
         )
@@ -145,7 +225,7 @@ def check_config(config, positive: tuple[str, ...]) -> None:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
     m = config.pad_vocab_multiple
     config.padded_vocab_size = (config.vocab_size + m - 1) // m * m
-    config.head_dim = config.n_embd // config.n_head
+    config.head_dim = head_dim or config.n_embd // config.n_head
 
 
 def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
@@ -157,9 +237,9 @@ def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
             nn.init.normal_(module.weight, mean=0.0, std=std)
             if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
-        elif isinstance(module, nn.LayerNorm):
+        elif isinstance(module, nn.LayerNorm | nn.RMSNorm):
             nn.init.ones_(module.weight)
-            if module.bias is not None:
+            if getattr(module, "bias", None) is not None:
                 nn.init.zeros_(module.bias)
     for block in model.blocks:
         for proj in (block.attn.proj, block.mlp.proj):

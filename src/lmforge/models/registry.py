@@ -12,8 +12,10 @@ fields. Both families' models follow one protocol, so tasks do not branch on the
     top_modules(), pooling_modules(), remove_lm_head(), blocks, config, num_params(),
     flops_per_token(T)
 
-Adding a family (e.g. Llama) means a config and model in ``models/``, an adapter in
-``interop/``, and one ``register(Family(...))`` line here.
+Adding a family means a config (and, if its block is new, model code) in ``models/``, an
+adapter in ``interop/``, and one ``register(Family(...))`` line here. Llama, Mistral, Qwen2 and
+Qwen3 are four families of one model: each its own config class (the GPT's options with that
+family's defaults), the GPT, and one adapter (``interop/hf_llama.py``).
 """
 
 from __future__ import annotations
@@ -23,7 +25,14 @@ from dataclasses import dataclass
 from typing import Any
 
 from lmforge.models.bert import Bert, BertConfig
-from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.models.gpt import (
+    GPT,
+    GPTConfig,
+    LlamaConfig,
+    MistralConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 
 @dataclass
@@ -102,8 +111,14 @@ def family_for_hf(model_type: str | None) -> Family:
     for f in FAMILIES.values():
         if f.hf_model_type == model_type:
             return f
-    known = ", ".join(f.hf_model_type for f in FAMILIES.values())
-    raise ValueError(f"model_type {model_type!r} has no lmforge family (known: {known})")
+    raise ValueError(
+        f"model_type {model_type!r} has no lmforge family (supported: {', '.join(hf_model_types())})"
+    )
+
+
+def hf_model_types() -> list[str]:
+    """The transformers ``model_type`` of every registered family."""
+    return [f.hf_model_type for f in FAMILIES.values()]
 
 
 register(
@@ -130,3 +145,31 @@ register(
         hf_export="lmforge.interop.hf_bert:export_hf_bert",
     )
 )
+
+# Frames of the modern decoders: the tokens of a tokenizer that it lacks are left out, so one
+# frame serves Llama 2 (<s> ... </s>), Llama 3 (<|begin_of_text|> ... <|end_of_text|>), SmolLM2
+# and the character tokenizers of lmforge (... <|endoftext|>).
+LLAMA_FRAME = TextFrame(
+    prefix=("<s>", "<|begin_of_text|>"),
+    suffix=("</s>", "<|end_of_text|>", "<|endoftext|>"),
+    pad="<|endoftext|>",
+)
+QWEN_FRAME = TextFrame(prefix=(), suffix=("<|endoftext|>",), pad="<|endoftext|>")
+for name, config, frame in (
+    ("llama", LlamaConfig, LLAMA_FRAME),
+    ("mistral", MistralConfig, LLAMA_FRAME),
+    ("qwen2", Qwen2Config, QWEN_FRAME),
+    ("qwen3", Qwen3Config, QWEN_FRAME),
+):
+    register(
+        Family(
+            name=name,
+            config=config,
+            model=GPT,
+            frame=frame,
+            causal=True,
+            hf_model_type=name,
+            hf_import="lmforge.interop.hf_llama:load_hf_llama",
+            hf_export="lmforge.interop.hf_llama:export_hf_llama",
+        )
+    )
