@@ -264,3 +264,25 @@ def test_missing_tensor_in_a_single_file(tmp_path, capsys):
     save_file(state, path / "model.safetensors", metadata={"format": "pt"})
     err = cli_error(capsys, path)
     assert f"{path}/model.safetensors has no tensor model.layers.0.self_attn.k_proj.weight" in err
+
+
+@pytest.mark.parametrize(
+    ("name", "published"),
+    [("smollm2-135m", 134_515_008), ("qwen2.5-0.5b", 494_032_768), ("llama-3.2-1b", 1_235_814_400)],
+)
+def test_gpu_geometries_have_the_published_parameter_counts(name, published):
+    """Built on the meta device from conf/model/<name>.yaml; transformers' model of the same
+    config.json counts the same."""
+    from omegaconf import OmegaConf
+
+    from lmforge.config import CONF_DIR, build
+    from lmforge.interop.hf_llama import ARCHITECTURES, config_to_hf
+
+    c = build(OmegaConf.load(CONF_DIR / "model" / f"{name}.yaml"), "model")
+    kind = family_of(c).name
+    with torch.device("meta"):
+        ours = GPT(c)
+        hf = config_to_hf(c, kind)
+        hf_config = transformers.AutoConfig.for_model(**hf)
+        theirs = getattr(transformers, ARCHITECTURES[kind])(hf_config)
+    assert ours.num_params() == sum(p.numel() for p in theirs.parameters()) == published
