@@ -286,3 +286,19 @@ def test_gpu_geometries_have_the_published_parameter_counts(name, published):
         hf_config = transformers.AutoConfig.for_model(**hf)
         theirs = getattr(transformers, ARCHITECTURES[kind])(hf_config)
     assert ours.num_params() == sum(p.numel() for p in theirs.parameters()) == published
+
+
+def test_gpt2_export_refuses_the_llama_options(tmp_path):
+    from lmforge.interop.hf_gpt2 import export_hf_gpt2
+    from lmforge.models.gpt import GPTConfig
+
+    geometry = dict(vocab_size=64, block_size=16, n_layer=1, n_head=2, n_embd=16)
+    for option, shown in [
+        ({"norm": "rmsnorm"}, "norm=rmsnorm"),
+        ({"mlp": "swiglu"}, "mlp=swiglu"),
+        ({"n_kv_head": 1}, "n_kv_head=1"),
+        ({"qkv_bias": True}, "qkv_bias=True"),
+    ]:
+        with pytest.raises(LMForgeError, match=f"{shown} \\(GPT-2 has"):
+            export_hf_gpt2(GPT(GPTConfig(**geometry, **option)), tmp_path / "x")
+    assert not (tmp_path / "x").exists()

@@ -73,6 +73,18 @@ def config_to_hf(c: GPTConfig) -> dict:
         why.append(f"pos_emb={c.pos_emb} (GPT-2 has learned position embeddings)")
     if not c.bias:
         why.append("bias=false (GPT-2 has biases in every linear layer and LayerNorm)")
+    for key, gpt2 in (
+        ("norm", "layernorm"),
+        ("mlp", "gelu"),
+        ("n_kv_head", c.n_head),
+        ("head_dim", c.n_embd // c.n_head),
+        ("qkv_bias", False),
+        ("qk_norm", False),
+        ("sliding_window", None),
+        ("rope_scaling", None),
+    ):
+        if getattr(c, key) != gpt2:
+            why.append(f"{key}={getattr(c, key)} (GPT-2 has {gpt2}; export a Llama-family config)")
     if why:
         raise LMForgeError(
             "this GPT does not map onto transformers' GPT2LMHeadModel: " + "; ".join(why)
@@ -85,7 +97,7 @@ def config_to_hf(c: GPTConfig) -> dict:
         "n_embd": c.n_embd,
         "n_layer": c.n_layer,
         "n_head": c.n_head,
-        "n_inner": c.mlp_ratio * c.n_embd,
+        "n_inner": c.intermediate_size,
         "activation_function": {"tanh": "gelu_new", "none": "gelu"}[c.gelu_approximate],
         "resid_pdrop": c.dropout,
         "embd_pdrop": c.dropout,
