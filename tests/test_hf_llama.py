@@ -105,6 +105,7 @@ def test_import_and_export_match_transformers(tmp_path, case):
         torch.testing.assert_close(back(x).logits, expected, rtol=1e-5, atol=1e-5)
     assert torch.equal(greedy(back, prompt), ours.generate(prompt, 8, temperature=0))
     assert (tmp_path / "out" / "generation_config.json").is_file()
+    assert load_hf_llama(tmp_path / "out").config == ours.config  # the config.json we write
 
 
 def test_lmforge_model_exports_and_generates_in_transformers(tmp_path):
