@@ -303,3 +303,27 @@ def test_gpt2_export_refuses_the_llama_options(tmp_path):
         with pytest.raises(LMForgeError, match=f"{shown} \\(GPT-2 has"):
             export_hf_gpt2(GPT(GPTConfig(**geometry, **option)), tmp_path / "x")
     assert not (tmp_path / "x").exists()
+
+
+def test_a_trained_llama_checkpoint_exports_as_llama(train_cfg, tmp_path):
+    """model=llama-nano trains, records its family, and exports as a LlamaForCausalLM with its
+    tokenizer; transformers computes the same logits."""
+    from lmforge.cli.export import main as export_main
+    from lmforge.cli.train import train
+
+    cfg = train_cfg(
+        "model=llama-nano", "trainer.max_steps=2", "logger=csv", "callbacks.text_samples=null"
+    )
+    train(cfg)
+    ckpt = f"{cfg.paths.output_dir}/checkpoints/last.ckpt"
+    loaded = load_model(ckpt)
+    assert loaded.family.name == "llama" and loaded.model.config.n_kv_head == 2
+    assert export_main([ckpt, str(tmp_path / "hf")]) == 0
+    ref = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert type(ref) is transformers.LlamaForCausalLM
+    text = "ROMEO: wherefore"
+    assert tok(text).input_ids == loaded.tokenizer.encode(text).ids
+    x = torch.tensor([loaded.tokenizer.encode(text).ids])
+    with torch.no_grad():
+        torch.testing.assert_close(ref(x).logits, loaded.model(x), rtol=1e-5, atol=1e-5)
