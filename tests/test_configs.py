@@ -43,6 +43,7 @@ COMPANIONS = {
     ("data", "sms_spam"): FINE_TUNE["classification"],
     ("task", "classification"): FINE_TUNE["classification"],
     ("data", "instructions"): FINE_TUNE["instruction"],
+    ("data", "instructions_chat"): FINE_TUNE["instruction"],
     ("task", "instruction"): FINE_TUNE["instruction"],
 }
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
+from lmforge.data.chat import TokenizerSettings, read_tokenizer_settings
 from lmforge.errors import LMForgeError
 from lmforge.files import atomic_torch_save
 from lmforge.models.registry import Family, family_for_hf, hf_model_types
@@ -256,6 +257,8 @@ class Loaded:
     tokenizer: Tokenizer | None  # None when the source carries none
     family: Family
     ours: bool  # a checkpoint of lmforge-train (False: a transformers directory)
+    # what the tokenizer's tokenizer_config.json says: special tokens, chat template
+    tokenizer_settings: TokenizerSettings | None = None
 
 
 def checkpoint_family(hparams: dict) -> str:
@@ -286,6 +289,7 @@ def load_model(source: str | Path, causal: bool | None = None, what: str = "") -
                 " one of these, or register a family for it (docs/architecture.md)"
             ) from None
         loaded = Loaded(fam.import_hf(path), hf_tokenizer(path), fam, ours=False)
+        loaded.tokenizer_settings = read_tokenizer_settings(path)
     else:
         loaded = _load_ours(path)
     if causal is not None and loaded.family.causal != causal:
@@ -329,4 +333,11 @@ def _load_ours(path: Path) -> Loaded:
                 f" ({str(e).splitlines()[0][:120]})"
             ) from None
     tokenizer = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
-    return Loaded(model.eval(), tokenizer, fam, ours=True)
+    carried = ckpt.get("tokenizer_config")
+    settings = TokenizerSettings.from_dict(
+        carried or {},
+        f"{path} (the tokenizer_config.json it carries)"
+        if carried
+        else f"{path} (no tokenizer_config.json)",
+    )
+    return Loaded(model.eval(), tokenizer, fam, ours=True, tokenizer_settings=settings)

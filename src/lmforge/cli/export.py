@@ -22,9 +22,13 @@ from lmforge.cli import reports_errors
 def export(checkpoint: str, out: str) -> str:
     """Write ``checkpoint`` as a transformers directory of its family (recorded in it)."""
     from lmforge.checkpoint import load_model
+    from lmforge.data.chat import add_to_tokenizer_config
 
     loaded = load_model(checkpoint)
-    return str(loaded.family.export_hf(loaded.model, out, loaded.tokenizer))
+    written = loaded.family.export_hf(loaded.model, out, loaded.tokenizer)
+    if loaded.tokenizer is not None:  # the chat template an instruction tune rendered with
+        add_to_tokenizer_config(written, loaded.tokenizer_settings)
+    return str(written)
 
 
 @reports_errors

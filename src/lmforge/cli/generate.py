@@ -1,6 +1,11 @@
 """lmforge-generate: sample text from a trained checkpoint, streaming it to the terminal.
 
 lmforge-generate ckpt_path=logs/causal_lm/<run>/checkpoints/last.ckpt prompt="ROMEO:" top_p=0.9
+lmforge-generate ckpt_path=logs/instruction/<run>/checkpoints/last.ckpt chat=true prompt="Hi!"
+
+With ``chat=true`` the prompt is a user message rendered through the checkpoint's chat template
+(its tokenizer_config.json's, or ``chat_template=<file>``) with the generation prompt; a reply
+ends at the tokenizer's EOS or the template's end-of-turn token, and only the reply is printed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,13 @@ from lmforge.errors import LMForgeError
 
 def load_model_and_tokenizer(ckpt_path, tokenizer_path):
     """The GPT and tokenizer of ``ckpt_path``; ``tokenizer_path`` for checkpoints without one."""
+    model, tok, _ = load_for_generation(ckpt_path, tokenizer_path)
+    return model, tok
+
+
+def load_for_generation(ckpt_path, tokenizer_path):
+    """:func:`load_model_and_tokenizer`, and what the tokenizer's tokenizer_config.json says
+    (special tokens, chat template)."""
     from tokenizers import Tokenizer
 
     from lmforge.checkpoint import load_model
@@ -43,7 +55,31 @@ def load_model_and_tokenizer(ckpt_path, tokenizer_path):
             f"the tokenizer has {tok.get_vocab_size()} tokens, the model {model.config.vocab_size}:"
             " they do not belong together"
         )
-    return model, tok
+    return model, tok, loaded.tokenizer_settings
+
+
+def chat_prompt(tok, settings, prompt: str, system: str | None, template_file: str | None):
+    """The tokens of ``prompt`` as a user message (after a ``system`` one, when given) rendered
+    through the chat template with its generation prompt, and the ids that end the reply: the
+    tokenizer's EOS (``<|endoftext|>`` too) and the token closing an assistant turn."""
+    from lmforge.data.chat import ChatTemplate, TokenizerSettings, read_template_file
+    from lmforge.data.tokenizer import special_ids
+
+    settings = settings or TokenizerSettings(source="the checkpoint (no tokenizer_config.json)")
+    if template_file is not None:
+        template = ChatTemplate(read_template_file(template_file), settings, str(template_file))
+    elif settings.chat_template is not None:
+        template = ChatTemplate(settings.chat_template, settings, settings.source)
+    else:
+        raise LMForgeError(
+            f"chat=true, but there is no chat template in {settings.source}: pass"
+            " chat_template=<file.jinja> (or a tokenizer_config.json that holds one), or chat=false"
+        )
+    messages = [{"role": "system", "content": system}] if system else []
+    text = template.render([*messages, {"role": "user", "content": prompt}], True)
+    ends = (settings.eos_token, template.end_of_turn(list(special_ids(tok))), "<|endoftext|>")
+    stop_ids = {tok.token_to_id(t) for t in ends if t and tok.token_to_id(t) is not None}
+    return tok.encode(text).ids, stop_ids
 
 
 def unknown_characters(tok, text: str) -> tuple[list[str], list[str], str | None]:
@@ -125,6 +161,7 @@ def main(cfg: DictConfig) -> list[str]:
     option(cfg, "num_samples", int, lambda v: v >= 1, "use at least 1 sample")
     option(cfg, "seed", int, lambda v: v >= 0, "use a non-negative integer")
     option(cfg, "stream", bool, lambda v: True, "use true or false")
+    option(cfg, "chat", bool, lambda v: True, "use true or false")
     device = torch_device(cfg.device)
     prompt = cfg.prompt
     if cfg.prompt_file is not None:
@@ -138,7 +175,7 @@ def main(cfg: DictConfig) -> list[str]:
             ) from None
     if not isinstance(prompt, str):
         prompt = str(prompt)  # prompt=42 is parsed as a number
-    model, tok = load_model_and_tokenizer(cfg.ckpt_path, cfg.tokenizer)
+    model, tok, settings = load_for_generation(cfg.ckpt_path, cfg.tokenizer)
     dropped, to_unk, unk = unknown_characters(tok, prompt)
     if dropped:
         raise LMForgeError(
@@ -147,7 +184,12 @@ def main(cfg: DictConfig) -> list[str]:
         )
     if to_unk:  # what the model was trained to see for them: a warning, not a refusal
         print(f"warning: the prompt's {describe(to_unk)} become {unk}", file=sys.stderr)
-    ids = tok.encode(prompt).ids
+    stop_ids: set[int] = set()
+    if cfg.chat:
+        system = None if cfg.system is None else str(cfg.system)
+        ids, stop_ids = chat_prompt(tok, settings, prompt, system, cfg.chat_template)
+    else:
+        ids = tok.encode(prompt).ids
     if not ids:
         raise LMForgeError("the prompt encodes to no tokens: pass a non-empty prompt=...")
     model.to(device)
@@ -157,7 +199,7 @@ def main(cfg: DictConfig) -> list[str]:
     new: list[list[int]] = [[] for _ in range(cfg.num_samples)]
     done = [False] * cfg.num_samples
     printed = 0
-    if stream:
+    if stream and not cfg.chat:  # a chat prints the reply only
         print(prompt, end="", flush=True)
     start = time.perf_counter()
     steps = model.generate_stream(
@@ -173,7 +215,9 @@ def main(cfg: DictConfig) -> list[str]:
     for nxt in steps:
         n_new += 1
         for i, token in enumerate(nxt[:, 0].tolist()):
-            if not done[i]:
+            if not done[i] and token in stop_ids:  # the end of a chat reply: not printed
+                done[i] = True
+            elif not done[i]:
                 new[i].append(token)
                 done[i] = bool(cfg.stop) and cfg.stop in tok.decode(new[i])
         if stream:
@@ -198,7 +242,8 @@ def main(cfg: DictConfig) -> list[str]:
         print(samples[0][printed:])  # what was held back
     else:
         for i, text in enumerate(samples):
-            print(f"----- sample {i} -----\n{prompt}{text}", flush=True)
+            shown = text if cfg.chat else prompt + text
+            print(f"----- sample {i} -----\n{shown}", flush=True)
     tokens = n_new * cfg.num_samples
     print(
         f"----- {tokens} tokens in {elapsed:.2f} s ({tokens / elapsed:.1f} tokens/s on {device})",

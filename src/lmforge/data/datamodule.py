@@ -299,12 +299,19 @@ class ClassificationDataModule(ExamplesDataModule):
 
 class InstructionDataModule(ExamplesDataModule):
     """Instruction records tokenized with the model's tokenizer: padded (or packed) batches of
-    ``input_ids``, ``labels`` (-100 on prompts and padding) and, packed, ``segments``."""
+    ``input_ids``, ``labels`` (-100 on prompts and padding) and, packed, ``segments``.
 
-    def __init__(self, config, tokenizer, seed: int = 1337) -> None:
+    ``settings``: what the tokenizer's ``tokenizer_config.json`` says (special tokens, chat
+    template); None for a tokenizer without one (GPT-2's, lmforge's own)."""
+
+    def __init__(self, config, tokenizer, seed: int = 1337, settings=None) -> None:
+        from lmforge.data.instructions import Framing
+
         super().__init__()
         self.config, self.tokenizer, self.seed = config, tokenizer, seed
-        self.pad_id = tokenizer.token_to_id("<|endoftext|>") or 0
+        self.framing = Framing(tokenizer, config, settings)
+        self.tokenizer_settings = self.framing.used_settings  # kept in checkpoints
+        self.pad_id = self.framing.pad_id
         self.sets: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
@@ -318,7 +325,7 @@ class InstructionDataModule(ExamplesDataModule):
             ("train", c.train, read_records(c.train)),
             ("val", c.val, self.val_records),
         ):
-            examples, counts = encode_records(records, self.tokenizer, c, str(path))
+            examples, counts = encode_records(records, self.tokenizer, c, str(path), self.framing)
             done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
             rank_zero_info(f"{split}: {len(examples)} examples" + (f" ({done})" if done else ""))
             self.sets[split] = (

@@ -381,6 +381,9 @@ class LMTask(L.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         if dm is not None and hasattr(dm, "tokenizer"):
             checkpoint["tokenizer"] = dm.tokenizer.to_str()  # the tokenizer travels with the model
+            settings = getattr(dm, "tokenizer_settings", None)
+            if settings is not None and settings.to_dict():  # its special tokens, chat template
+                checkpoint["tokenizer_config"] = settings.to_dict()
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         """Restore the counters of a resumed run. That the checkpoint holds this model and

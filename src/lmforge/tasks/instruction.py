@@ -13,7 +13,6 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 
 from lmforge.data.datamodule import InstructionDataModule
-from lmforge.data.instructions import render_prompt
 from lmforge.errors import LMForgeError
 from lmforge.run import pretrained_model
 from lmforge.tasks.base import LMTask, Recipe, token_loss
@@ -35,7 +34,8 @@ class InstructionTask(LMTask):
         self.positions = positions  # batch_size x max_len: the loss scale of every step
         self.model = self.make_model(model, family, positions=positions)
         self.task.lora.apply(self.model)
-        self.sample_prompts: list[str] = []  # set by the recipe from the validation records
+        self.sample_prompts: list[list[int]] = []  # set by the recipe: validation prompts' tokens
+        self.stop_ids: list[int] = []  # what ends a response (EOS, the template's end of turn)
         self.tokenizer = None
         self.rows: list[list] = []
 
@@ -44,7 +44,9 @@ class InstructionTask(LMTask):
         """Instruction records tokenized with the pretrained model's tokenizer, and the tuning
         task on the causal LM of ``init_from``; validates before tuning (step 0)."""
         loaded, config = pretrained_model(run, run.data.max_len, causal=True)
-        dm = InstructionDataModule(run.data, loaded.tokenizer, seed=run.cfg.seed)
+        dm = InstructionDataModule(
+            run.data, loaded.tokenizer, seed=run.cfg.seed, settings=loaded.tokenizer_settings
+        )
         dm.setup("fit")
         positions = run.data.batch_size * run.data.max_len
         module = cls(config, run.task, run.cfg.seed, loaded.family.name, positions)
@@ -52,9 +54,11 @@ class InstructionTask(LMTask):
         if any("lora_" not in k for k in missing):
             raise LMForgeError(f"the pretrained weights lack {', '.join(missing[:3])}")
         module.tokenizer = loaded.tokenizer
-        module.sample_prompts = [
-            render_prompt(r, run.data) for r in dm.val_records[: run.data.sample_prompts]
+        module.sample_prompts = [  # through the chat template when the data uses one
+            dm.framing.prompt_ids(r, n, str(run.data.val))
+            for n, r in enumerate(dm.val_records[: run.data.sample_prompts], 1)
         ]
+        module.stop_ids = dm.framing.stop_ids
         rank_zero_info(f"instruction tuning: {module.trained_share()}")
         # Metric states made under inference mode could not be updated in the fit's
         # validations, so evaluation runs under no_grad.
@@ -83,18 +87,20 @@ class InstructionTask(LMTask):
             self.log_samples()
 
     @torch.no_grad()
-    def respond(self, prompt: str) -> str:
-        """The greedy response to a rendered prompt, up to <|endoftext|>."""
+    def respond(self, prompt: list[int]) -> str:
+        """The greedy response to a prompt's tokens, up to the first of ``stop_ids`` (EOS, or
+        the chat template's end of turn; <|endoftext|> when the recipe set none)."""
         tok = self.tokenizer
-        ids = tok.encode(prompt).ids[-(self.model.config.block_size - 1) :]
+        ids = prompt[-(self.model.config.block_size - 1) :]
         room = self.model.config.block_size - len(ids)
         out = self.model.generate(
             torch.tensor([ids], device=self.device),
             max(1, min(self.task.max_new_tokens, room)),
             temperature=0,
         )[0, len(ids) :].tolist()
-        eot = tok.token_to_id("<|endoftext|>")
-        return tok.decode(out[: out.index(eot)] if eot in out else out)
+        stops = self.stop_ids or [tok.token_to_id("<|endoftext|>")]
+        end = next((i for i, t in enumerate(out) if t in stops), len(out))
+        return tok.decode(out[:end])
 
     def log_samples(self) -> None:
         was = self.training
