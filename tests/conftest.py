@@ -52,6 +52,27 @@ def compose_train(overrides: list[str], tmp_path: Path, config_name: str = "trai
     return cfg
 
 
+def train_run(log_dir: Path, name: str, *overrides: str) -> DictConfig:
+    """Train in this process what ``lmforge-train paths.log_dir=<log_dir> run_name=<name>
+    <overrides>`` trains in its own, into the same run directory (<log_dir>/<task>/<name>):
+    the one-process reference runs of tests that compare with launched ones."""
+    from lmforge.cli.train import train
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose(
+            config_name="train",
+            return_hydra_config=True,
+            overrides=[f"paths.log_dir={log_dir}", f"run_name={name}", *overrides],
+        )
+    HydraConfig.instance().set_config(cfg)
+    with open_dict(cfg):
+        cfg.paths.output_dir = str(Path(log_dir) / cfg.task.name / name)
+        del cfg.hydra
+    train(cfg)
+    return cfg
+
+
 @pytest.fixture
 def train_cfg(tmp_path, tiny_text):
     """A builder of tiny training configs on the tiny corpus (char tokens, gpt-nano)."""
@@ -71,8 +92,31 @@ def train_cfg(tmp_path, tiny_text):
     return make
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (``make test`` runs one worker per core) every worker and the runs it
+    launches use one thread: two workers of two threads each on two cores spin in each other's
+    OpenMP barriers and run several times slower than one worker alone."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+
+
+@pytest.hookimpl(tryfirst=True)  # before xdist reads the groups
 def pytest_collection_modifyitems(config, items):
     os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", str(ROOT / ".pytest_cache" / "inductor"))
+    # Tests that share a module-scoped fixture (the runs of tests/test_distributed.py, say) go to
+    # one xdist worker (--dist loadgroup), which builds the fixture once.
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        shared = sorted(
+            name
+            for name, defs in (info.name2fixturedefs.items() if info else ())
+            if defs and defs[-1].scope == "module"
+        )
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{'+'.join(shared)}"))
 
 
 def wandb_records(path: Path):

@@ -468,3 +468,79 @@ def test_chat_template_asked_for_but_missing_is_one_line(tok, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and len(err.splitlines()) == 1
     assert "Conversation roles must alternate" in err  # the template's own refusal, one line
+
+
+def test_an_imported_qwen2_is_tuned_on_conversations_and_its_export_chats_in_transformers(
+    tok, tmp_path, capsys
+):
+    """A tiny Qwen2 directory written by transformers, its tokenizer carrying Qwen2.5's chat
+    template, is instruction-tuned on the bundled conversations; the export loads in
+    transformers as a Qwen2ForCausalLM, and its greedy reply to a chat prompt is the reply
+    ``lmforge-generate chat=true`` prints."""
+    from lmforge.cli.export import export
+    from lmforge.cli.generate import main as generate
+    from lmforge.cli.train import train
+
+    base = tmp_path / "qwen2"
+    torch.manual_seed(0)
+    qwen = transformers.Qwen2Config(
+        vocab_size=tok.get_vocab_size(),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    transformers.Qwen2ForCausalLM(qwen).save_pretrained(base)
+    hf_tokenizer(tok, "qwen2_5").save_pretrained(base)
+    cfg = compose_train(
+        [
+            "experiment=instruct_gpt",
+            f"init_from={base}",
+            f"data.train={ROOT / 'data' / 'instructions' / 'chat_train.json'}",
+            f"data.val={ROOT / 'data' / 'instructions' / 'chat_val.json'}",
+            "data.format=messages",
+            "data.chat_template=true",
+            "data.max_len=128",
+            "data.batch_size=4",
+            "data.sample_prompts=0",
+            "trainer.max_steps=4",
+            "trainer.val_check_interval=4",
+            "trainer.limit_val_batches=2",
+            "trainer.enable_model_summary=false",
+            "logger=csv",
+            "callbacks.progress_bar=null",
+        ],
+        tmp_path,
+    )
+    metrics = train(cfg)
+    assert torch.isfinite(torch.tensor(metrics["val/loss"]))
+    ckpt = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    question = "Name a primary colour."
+    capsys.readouterr()
+    ours = generate(
+        compose_generate(
+            f"ckpt_path={ckpt}",
+            "chat=true",
+            f"prompt='{question}'",
+            "temperature=0",
+            "max_new_tokens=12",
+            "stream=false",
+        )
+    )[0]
+
+    out = export(str(ckpt), str(tmp_path / "export"))
+    model = transformers.AutoModelForCausalLM.from_pretrained(out)
+    assert type(model).__name__ == "Qwen2ForCausalLM"
+    hf = transformers.AutoTokenizer.from_pretrained(out)
+    prompt = hf.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+    assert prompt.endswith("<|im_start|>assistant\n")  # Qwen2.5's template, system turn included
+    ids = torch.tensor([hf(prompt, add_special_tokens=False)["input_ids"]])
+    new = model.generate(ids, max_new_tokens=12, do_sample=False)[0, ids.size(1) :].tolist()
+    end = hf.convert_tokens_to_ids("<|im_end|>")
+    reply = new[: new.index(end)] if end in new else new
+    assert hf.decode(reply, clean_up_tokenization_spaces=False) == ours

@@ -34,27 +34,34 @@ from lmforge.errors import LMForgeError
 from lmforge.tasks.causal_lm import CausalLMTask
 from lmforge.tasks.config import CausalLMConfig
 
-from .conftest import ROOT, SHAKESPEARE, wandb_records, wandb_values
+from .conftest import ROOT, SHAKESPEARE, train_run, wandb_records, wandb_values
 
 STEPS = 60
 
 
+SETTINGS = [
+    "logger=csv",
+    "callbacks.text_samples=null",
+    "callbacks.progress_bar=null",
+    "trainer.enable_model_summary=false",
+    f"trainer.max_steps={STEPS}",
+    "trainer.val_check_interval=30",
+    "trainer.log_every_n_steps=1",
+    "callbacks.periodic_checkpoint.every_n_train_steps=10",
+    "model.dropout=0.1",
+]
+
+
 def command(log_dir: Path, name: str, *overrides: str) -> list[str]:
+    """``lmforge-train`` with the kill tests' settings, as a command for a process of its own
+    (``train_run(log_dir, name, *SETTINGS, *overrides)`` trains the same in this process)."""
     return [
         sys.executable,
         "-m",
         "lmforge.cli.train",
-        "logger=csv",
-        "callbacks.text_samples=null",
-        "callbacks.progress_bar=null",
-        "trainer.enable_model_summary=false",
         f"paths.log_dir={log_dir}",
         f"run_name={name}",
-        f"trainer.max_steps={STEPS}",
-        "trainer.val_check_interval=30",
-        "trainer.log_every_n_steps=1",
-        "callbacks.periodic_checkpoint.every_n_train_steps=10",
-        "model.dropout=0.1",
+        *SETTINGS,
         *overrides,
     ]
 
@@ -103,9 +110,9 @@ def interrupt(
     return status
 
 
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+def final_weights(run_dir: Path, steps: int = STEPS) -> dict[str, torch.Tensor]:
     ckpt = load_checkpoint(run_dir / "checkpoints" / "last.ckpt")
-    assert ckpt["global_step"] == STEPS
+    assert ckpt["global_step"] == steps
     return ckpt["state_dict"]
 
 
@@ -115,7 +122,9 @@ def assert_bitwise_equal(a: dict, b: dict) -> None:
     assert not differ, f"{len(differ)} tensors differ, e.g. {differ[:3]}"
 
 
-def assert_same_run(resumed: Path, whole: Path, proc: subprocess.CompletedProcess) -> None:
+def assert_same_run(
+    resumed: Path, whole: Path, proc: subprocess.CompletedProcess, steps: int = STEPS
+) -> None:
     """The logged loss of every step (to the last digit printed), then the final weights,
     bitwise; a failure names the checkpoint the run resumed from and the first step that
     differs."""
@@ -126,7 +135,7 @@ def assert_same_run(resumed: Path, whole: Path, proc: subprocess.CompletedProces
     got, want = losses(resumed), losses(whole)
     differ = sorted(s for s in want.keys() | got.keys() if got.get(s) != want.get(s))
     assert not differ, f"{where}; the loss differs from step {differ[0]} ({len(differ)} steps)"
-    assert_bitwise_equal(final_weights(resumed), final_weights(whole))
+    assert_bitwise_equal(final_weights(resumed, steps), final_weights(whole, steps))
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +149,7 @@ def gpt(tmp_path_factory):
         f"data.dir={logs}/data",
         f"data.prepare.source.paths=[{corpus}]",
     ]
-    ok(run(command(logs, "whole", *common)))
+    train_run(logs, "whole", *SETTINGS, *common)  # the reference, in this process
     return logs, common
 
 
@@ -161,6 +170,7 @@ def test_killed_gpt_run_resumes_bitwise(gpt, sig):
 
 
 def test_killed_bert_run_resumes_bitwise(tmp_path):
+    """Masked LM: the masks, like the windows and dropout, continue exactly (30 steps)."""
     corpus = tmp_path / "tiny.txt"
     corpus.write_text(SHAKESPEARE.read_text()[:60_000])
     common = [
@@ -171,14 +181,15 @@ def test_killed_bert_run_resumes_bitwise(tmp_path):
         f"data.prepare.source.paths=[{corpus}]",
         "data.prepare.tokenizer.vocab_size=500",
         "data.max_val_windows=16",
+        "trainer.max_steps=30",
     ]
-    ok(run(command(tmp_path, "whole", *common)))
+    train_run(tmp_path, "whole", *SETTINGS, *common)
     runs = tmp_path / "masked_lm"
     interrupt(
         command(tmp_path, "killed", *common), runs / "killed", signal.SIGKILL, random.Random(3)
     )
     proc = ok(run(command(tmp_path, "killed", *common, "resume=auto")))
-    assert_same_run(runs / "killed", runs / "whole", proc)
+    assert_same_run(runs / "killed", runs / "whole", proc, steps=30)
 
 
 # In-process runs of gpt-nano on the tiny corpus (conftest's train_cfg).
