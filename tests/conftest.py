@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import struct
+import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -71,6 +73,33 @@ def train_run(log_dir: Path, name: str, *overrides: str) -> DictConfig:
         del cfg.hydra
     train(cfg)
     return cfg
+
+
+def compose_cli(config_name: str, *overrides: str) -> DictConfig:
+    """Compose ``conf/<config_name>.yaml`` with command-line ``overrides``, as the console script
+    ``lmforge-<config_name>`` would (Hydra parses the same override strings)."""
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        return compose(config_name=config_name, overrides=list(overrides))
+
+
+def run_cli(
+    capfd, main: Callable, config_name: str, *overrides: str
+) -> subprocess.CompletedProcess:
+    """Run a CLI's Hydra ``main`` in this process on ``compose_cli(config_name, *overrides)``:
+    its exit status (0 when it returns, else the code of its SystemExit: 2 for an
+    ``error: ...`` line) and what it wrote to stdout and stderr (file descriptors included),
+    as a subprocess of the console script would report them, without its seconds of imports.
+    Any other exception propagates: a traceback fails the test."""
+    cfg = compose_cli(config_name, *overrides)
+    capfd.readouterr()  # only what this run writes
+    returncode = 0
+    try:
+        main(cfg)
+    except SystemExit as e:
+        returncode = e.code
+    out, err = capfd.readouterr()
+    return subprocess.CompletedProcess([config_name, *overrides], returncode, out, err)
 
 
 @pytest.fixture

@@ -10,12 +10,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from lmforge.cli.eval import main
 from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer
 from lmforge.evaluation import evaluate, windows
 from lmforge.interop.hf_gpt2 import export_hf_gpt2
 from lmforge.models.gpt import GPT, GPTConfig
 
-from .conftest import ROOT
+from .conftest import ROOT, run_cli
 
 TEXT = "Ünïcode: 中文 and ASCII, a café — 12 bytes here, fewer characters.\n" * 3
 
@@ -51,24 +52,18 @@ def test_windows_score_every_token_once():
         assert scored == list(range(1, n))
 
 
-def test_bits_per_byte_by_hand_through_the_cli(tiny_model, tmp_path):
+def test_bits_per_byte_by_hand_through_the_cli(tiny_model, tmp_path, capfd):
     model, tok = tiny_model
     export_hf_gpt2(model, tmp_path / "model", tok)
     text_file = tmp_path / "t.txt"
     text_file.write_text(TEXT, encoding="utf-8")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "lmforge.cli.eval",
-            f"ckpt_path={tmp_path / 'model'}",
-            f"text_file={text_file}",
-            f"output={tmp_path / 'r.json'}",
-        ],
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        timeout=300,
+    proc = run_cli(
+        capfd,
+        main,
+        "eval",
+        f"ckpt_path={tmp_path / 'model'}",
+        f"text_file={text_file}",
+        f"output={tmp_path / 'r.json'}",
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     result = json.loads((tmp_path / "r.json").read_text())
@@ -95,13 +90,17 @@ def test_stride_equal_to_context_is_the_non_overlapping_result(tiny_model):
     assert sliding.loss_sum != pytest.approx(nll, rel=1e-5)
 
 
-def test_zero_stride_or_seq_len_and_an_unwritable_output_are_refused(tiny_model, tmp_path):
+def test_zero_stride_or_seq_len_and_an_unwritable_output_are_refused(tiny_model, tmp_path, capfd):
     model, tok = tiny_model
     export_hf_gpt2(model, tmp_path / "model", tok)
     text_file = tmp_path / "t.txt"
     text_file.write_text(TEXT, encoding="utf-8")
 
     def run(*args: str) -> subprocess.CompletedProcess:
+        return run_cli(capfd, main, "eval", f"ckpt_path={tmp_path / 'model'}", *args)
+
+    def run_subprocess(*args: str) -> subprocess.CompletedProcess:
+        """``lmforge-eval`` as a console script: seconds of imports, so used once below."""
         return subprocess.run(
             [sys.executable, "-m", "lmforge.cli.eval", f"ckpt_path={tmp_path / 'model'}", *args],
             capture_output=True,
@@ -121,6 +120,8 @@ def test_zero_stride_or_seq_len_and_an_unwritable_output_are_refused(tiny_model,
     for arg, error in errors.items():
         proc = run(f"text_file={text_file}", arg)
         assert (proc.returncode, proc.stderr.strip()) == (2, error)
+    proc = run_subprocess(f"text_file={text_file}", "stride=0")  # the entry point's status
+    assert (proc.returncode, proc.stderr.strip()) == (2, errors["stride=0"])
     (tmp_path / "t2.txt").write_text("abc 😀\n", encoding="utf-8")  # outside the alphabet
     proc = run(f"text_file={tmp_path / 't2.txt'}")
     assert (

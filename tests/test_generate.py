@@ -5,15 +5,16 @@ import sys
 
 import torch
 
-from lmforge.cli.generate import unknown_characters
+from lmforge.cli.generate import main, unknown_characters
 from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer
 from lmforge.interop.hf_gpt2 import export_hf_gpt2
 from lmforge.models.gpt import GPT, GPTConfig
 
-from .conftest import ROOT
+from .conftest import ROOT, run_cli
 
 
-def generate(*args: str) -> subprocess.CompletedProcess:
+def generate_subprocess(*args: str) -> subprocess.CompletedProcess:
+    """``lmforge-generate`` as a console script: seconds of imports, so used once below."""
     return subprocess.run(
         [sys.executable, "-m", "lmforge.cli.generate", *args],
         capture_output=True,
@@ -23,7 +24,10 @@ def generate(*args: str) -> subprocess.CompletedProcess:
     )
 
 
-def test_streamed_sample_stop_string_and_several_samples(tmp_path):
+def test_streamed_sample_stop_string_and_several_samples(tmp_path, capfd):
+    def generate(*args: str) -> subprocess.CompletedProcess:
+        return run_cli(capfd, main, "generate", *args)
+
     tok = train_tokenizer(["abcdefgh xyz\n"], TokenizerConfig(kind="char"))
     torch.manual_seed(0)
     model = GPT(
@@ -49,7 +53,7 @@ def test_streamed_sample_stop_string_and_several_samples(tmp_path):
     assert cut.stdout == text[: text.index(stop, 3)] + "\n"
     two = generate(*common, "stream=false", "num_samples=2", "top_p=0.9", "repetition_penalty=1.3")
     assert two.returncode == 0 and two.stdout.count("----- sample") == 2
-    bad = generate(*common, "top_p=1.5")
+    bad = generate_subprocess(*common, "top_p=1.5")  # the entry point's one line and status
     assert bad.returncode == 2
     assert bad.stderr.strip() == "error: top_p=1.5: use a number in (0, 1], or null for no top-p"
     bad = generate(*common, "top_k=0")
