@@ -19,11 +19,19 @@ import torch
 from lmforge.checkpoint import consolidate, load_checkpoint
 from lmforge.data.datasets import RankShard, SequentialWindows, blank, open_split
 
-from .conftest import ROOT, SHAKESPEARE
+from .conftest import ROOT, SHAKESPEARE, train_run
 
 STEPS = 10
 # A schedule that does not depend on max_steps, so a resumed run may run longer.
 SCHEDULE = ["task.optim.warmup_steps=2", "task.optim.decay_steps=40", "task.optim.lr=3e-3"]
+
+
+FIXED = ["logger=csv", "callbacks.progress_bar=null", "trainer.enable_model_summary=false"]
+
+
+def train_here(log_dir: Path, name: str, *overrides: str) -> None:
+    """The one-process reference run, in this process (it needs no launcher)."""
+    train_run(log_dir, name, *FIXED, *overrides)
 
 
 def run_train(
@@ -39,9 +47,7 @@ def run_train(
     proc = subprocess.run(
         [
             *cmd,
-            "logger=csv",
-            "callbacks.progress_bar=null",
-            "trainer.enable_model_summary=false",
+            *FIXED,
             f"paths.log_dir={log_dir}",
             *([f"run_name={name}"] if name else []),
             *overrides,
@@ -98,7 +104,7 @@ def gpt_runs(tmp_path_factory, corpus):
         f"trainer.val_check_interval={STEPS}",
         *SCHEDULE,
     ]
-    ok(run_train(logs, "single", *common, "trainer=cpu", "data.batch_size=8"))
+    train_here(logs, "single", *common, "trainer=cpu", "data.batch_size=8")
     ddp = ok(run_train(logs, "ddp", *common, "trainer=ddp_cpu", "data.batch_size=4"))
     fsdp = [*common, "trainer=fsdp_cpu", "data.batch_size=4", "task.activation_checkpointing=true"]
     ok(run_train(logs, "fsdp", *fsdp, "logger=default", wandb="offline"))
@@ -120,7 +126,7 @@ def bert_runs(tmp_path_factory, corpus):
         f"trainer.val_check_interval={STEPS}",
         *SCHEDULE,
     ]
-    ok(run_train(logs, "single", *common, "trainer=cpu", "data.batch_size=8"))
+    train_here(logs, "single", *common, "trainer=cpu", "data.batch_size=8")
     ok(run_train(logs, "ddp", *common, "trainer=ddp_cpu", "data.batch_size=4"))
     ok(run_train(logs, "fsdp", *common, "trainer=fsdp_cpu", "data.batch_size=4"))
     return logs / "masked_lm"
@@ -203,7 +209,7 @@ def test_fsdp_resumes_on_two_ranks_and_on_one(gpt_runs):
             f"resume={ckpt}",
         )
     )
-    ok(run_train(logs, "single14", *more, "trainer=cpu", "data.batch_size=8"))
+    train_here(logs, "single14", *more, "trainer=cpu", "data.batch_size=8")
     reference = weights(runs / "single14" / "checkpoints" / "last.ckpt")
     for name in ("resume2", "resume1"):
         state = load_checkpoint(runs / name / "checkpoints" / "last.ckpt")
@@ -330,7 +336,7 @@ def finetune_runs(tmp_path_factory, corpus):
     ]
     logs = root / "logs"
     for args in (cls, ins):
-        ok(run_train(logs, "single", *args, "trainer=cpu", "data.batch_size=8"))
+        train_here(logs, "single", *args, "trainer=cpu", "data.batch_size=8")
         ok(run_train(logs, "ddp", *args, "trainer=ddp_cpu", "data.batch_size=4"))
         ok(run_train(logs, "fsdp", *args, "trainer=fsdp_cpu", "data.batch_size=4"))
     return logs
