@@ -24,11 +24,15 @@ install: $(STAMP)  ## create .venv and install lmforge with its dev tools
 train: $(STAMP)  ## train the default small GPT on Tiny Shakespeare (CPU, a few minutes)
 	$(VENV)/bin/lmforge-train $(ARGS)
 
+# One pytest-xdist worker per core (at most 4), each of one thread; tests sharing a fixture go
+# to the same worker. PYTEST_ARGS="-n 0" runs them in one process.
+XDIST := -n auto --maxprocesses 4 --dist loadgroup
+
 test: $(STAMP)  ## the fast test suite (what CI runs)
-	$(PY) -m pytest -m "not slow" -q $(PYTEST_ARGS)
+	$(PY) -m pytest -m "not slow" -q $(XDIST) $(PYTEST_ARGS)
 
 test-all: $(STAMP)  ## every test, the slow ones too
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q $(XDIST) $(PYTEST_ARGS)
 
 lint: $(STAMP)  ## ruff lint and format check; hadolint on the Dockerfile
 	$(VENV)/bin/ruff check src tests bench
