@@ -378,7 +378,7 @@ def test_full_disk_while_saving_keeps_the_earlier_checkpoints(gpt):
     """The file-size limit (RLIMIT_FSIZE) makes the next checkpoint write fail like a full disk."""
     logs, common = gpt
     name = "disk"
-    ok(run(command(logs, name, *common, "trainer.max_steps=10")))
+    train_run(logs, name, *SETTINGS, *common, "trainer.max_steps=10")
     ckpts = logs / "causal_lm" / name / "checkpoints"
     before = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
 
