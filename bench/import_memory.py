@@ -6,7 +6,7 @@ device one tensor at a time, so the weights are never held twice.
 
 Writes a random Llama-shaped model with transformers (``save_pretrained``, sharded) into a
 temporary directory, then imports it with ``lmforge.interop.hf_llama.load_hf_llama`` in a fresh
-process and reads that process's peak resident set size (``ru_maxrss``). Reported as a multiple
+process and reads that process's peak resident set size (``VmHWM``). Reported as a multiple
 of the model's fp32 bytes (parameters x 4), in total and above the process's size before the
 import (Python, torch and lmforge loaded). ``--transformers`` measures
 ``LlamaForCausalLM.from_pretrained(dtype=float32)`` the same way, for reference.
@@ -23,13 +23,16 @@ import time
 from pathlib import Path
 
 CHILD = """
-import json, resource, sys, time
+import json, sys, time
 import torch
 
-def rss_bytes():
+def status_bytes(key):
     for line in open("/proc/self/status"):
-        if line.startswith("VmRSS:"):
+        if line.startswith(key + ":"):
             return int(line.split()[1]) * 1024
+
+def rss_bytes():
+    return status_bytes("VmRSS")
 
 path, how = sys.argv[1], sys.argv[2]
 if how == "lmforge":
@@ -44,7 +47,9 @@ start = time.perf_counter()
 model = load(path)
 seconds = time.perf_counter() - start
 params = sum(p.numel() for p in model.parameters())
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+# VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over an exec, so a child of a
+# parent holding the model it just wrote would report the parent's size.
+peak = status_bytes("VmHWM")
 print(json.dumps({"before": before, "peak": peak, "params": params, "seconds": seconds}))
 """
 

@@ -245,16 +245,15 @@ def load_hf_llama(path: str | Path, dtype: torch.dtype = torch.float32) -> GPT:
         for ours, parts in layout(c):
             dest = params[ours]
             for theirs, start, end in parts:
-                t = weights.read(theirs, needed_by=arch)
-                if t.shape != dest[start:end].shape:
+                shape = weights.shape(theirs, needed_by=arch)
+                if shape != tuple(dest[start:end].shape):
                     raise LMForgeError(
-                        f"{weights.files[theirs]}: {theirs} has shape {tuple(t.shape)}, config.json"
+                        f"{weights.files[theirs]}: {theirs} has shape {shape}, config.json"
                         f" implies {tuple(dest[start:end].shape)}: config.json belongs to another"
                         " model"
                     )
-                dest[start:end].copy_(t)
+                weights.read_into(theirs, dest[start:end], needed_by=arch)
                 used.add(theirs)
-                del t
             if end < dest.size(0):  # the padded vocabulary rows
                 dest[end:].zero_()
     unused = sorted(
