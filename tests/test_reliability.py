@@ -12,7 +12,6 @@ import contextlib
 import csv
 import os
 import random
-import resource
 import shutil
 import signal
 import struct
@@ -34,6 +33,7 @@ from lmforge.errors import LMForgeError
 from lmforge.tasks.causal_lm import CausalLMTask
 from lmforge.tasks.config import CausalLMConfig
 
+from . import launch
 from .conftest import ROOT, SHAKESPEARE, train_run, wandb_records, wandb_values
 
 STEPS = 60
@@ -66,11 +66,15 @@ def command(log_dir: Path, name: str, *overrides: str) -> list[str]:
     ]
 
 
-def run(cmd: list[str], wandb: str = "disabled", **kwargs) -> subprocess.CompletedProcess:
+def run(
+    cmd: list[str], wandb: str = "disabled", fresh: bool = False, fsize: int | None = None
+) -> subprocess.CompletedProcess:
+    """Run ``cmd`` in a process of its own: forked from the launch server (tests/launch.py),
+    or with ``fresh`` a new interpreter, as the console script runs."""
     env = os.environ | {"WANDB_MODE": wandb}
-    return subprocess.run(
-        cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600, **kwargs
-    )
+    if fresh:
+        return subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT, env=env, timeout=600)
+    return launch.run(cmd, env=env, cwd=ROOT, fsize=fsize)
 
 
 def ok(proc: subprocess.CompletedProcess) -> subprocess.CompletedProcess:
@@ -93,9 +97,7 @@ def interrupt(
     returns the exit status."""
     kill_after = rng.randint(12, 45)
     env = os.environ | {"WANDB_MODE": wandb}
-    proc = subprocess.Popen(
-        cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-    )
+    proc = launch.launch(cmd, env=env, cwd=ROOT)
     metrics = run_dir / "csv" / "metrics.csv"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -106,6 +108,7 @@ def interrupt(
                 break
         time.sleep(0.005)
     status = proc.wait(timeout=300)
+    proc.result()
     assert status != 0, "the run finished before it could be interrupted"
     return status
 
@@ -382,13 +385,8 @@ def test_full_disk_while_saving_keeps_the_earlier_checkpoints(gpt):
     ckpts = logs / "causal_lm" / name / "checkpoints"
     before = {p.name: p.read_bytes() for p in ckpts.glob("*.ckpt")}
 
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
-
-    proc = run(
-        command(logs, name, *common, "trainer.max_steps=20", "resume=auto"), preexec_fn=limit
-    )
+    # RLIMIT_FSIZE of 100 kB, SIGXFSZ ignored: a failed write, not a killed process
+    proc = run(command(logs, name, *common, "trainer.max_steps=20", "resume=auto"), fsize=100_000)
     assert proc.returncode == 2
     error = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(error) == 1 and "writing checkpoint" in error[0] and "intact" in error[0]
@@ -543,7 +541,7 @@ def test_sigterm_before_the_first_step_exits_75_with_one_line(tmp_path, tiny_tex
         f"data.prepare.source.paths=[{tiny_text}]",
         f"task._target_={__name__}.SigtermConfig",
     )
-    proc = run(cmd)
+    proc = run(cmd, fresh=True)  # the console script's own exit status
     assert proc.returncode == 75, proc.stderr[-2000:]
     assert "stopped by SIGTERM before the first training step: nothing to save" in proc.stdout
     assert "Traceback" not in proc.stderr

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from . import launch
 from .conftest import ROOT
 
 TINY = [
@@ -43,14 +44,7 @@ def env():
 
 
 def test_optuna_sweep_runs_trials_and_reports_the_best(tmp_path):
-    proc = subprocess.run(
-        sweep_cmd(tmp_path, "hydra.sweeper.n_trials=3"),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env(),
-        timeout=600,
-    )
+    proc = launch.run(sweep_cmd(tmp_path, "hydra.sweeper.n_trials=3"), cwd=ROOT, env=env())
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout + proc.stderr
     assert "Best parameters:" in out and "task.optim.lr" in out
@@ -86,12 +80,8 @@ def test_sqlite_study_resumes_after_a_kill(tmp_path):
     optuna = pytest.importorskip("optuna")
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = [f"hydra.sweeper.storage={storage}", "hydra.sweeper.study_name=resumable"]
-    proc = subprocess.Popen(
-        sweep_cmd(tmp_path / "a", "hydra.sweeper.n_trials=6", *study),
-        cwd=ROOT,
-        env=env(),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    proc = launch.launch(
+        sweep_cmd(tmp_path / "a", "hydra.sweeper.n_trials=6", *study), cwd=ROOT, env=env()
     )
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -100,19 +90,15 @@ def test_sqlite_study_resumes_after_a_kill(tmp_path):
             break
         time.sleep(0.5)
     proc.wait(timeout=60)
+    proc.result()
     before = [
         t
         for t in optuna.load_study(study_name="resumable", storage=storage).trials
         if t.state.name == "COMPLETE"
     ]
     assert 2 <= len(before) < 6
-    again = subprocess.run(
-        sweep_cmd(tmp_path / "b", "hydra.sweeper.n_trials=2", *study),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-        env=env(),
-        timeout=600,
+    again = launch.run(
+        sweep_cmd(tmp_path / "b", "hydra.sweeper.n_trials=2", *study), cwd=ROOT, env=env()
     )
     assert again.returncode == 0, again.stderr[-3000:]
     after = [
