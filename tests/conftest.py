@@ -139,13 +139,24 @@ def pytest_collection_modifyitems(config, items):
     # one xdist worker (--dist loadgroup), which builds the fixture once.
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
+        params = getattr(getattr(item, "callspec", None), "params", {})
         shared = sorted(
-            name
+            f"{name}={params[name]}" if name in params else name
             for name, defs in (info.name2fixturedefs.items() if info else ())
             if defs and defs[-1].scope == "module"
         )
         if shared:
             item.add_marker(pytest.mark.xdist_group(f"{item.module.__name__}:{'+'.join(shared)}"))
+    # The modules whose tests launch training processes first, so that the workers do not end
+    # with one of them running alone (a module's tests stay together).
+    first = ("test_distributed", "test_reliability", "test_sweeps")
+    items.sort(
+        key=lambda item: (
+            first.index(n)
+            if (n := item.module.__name__.rpartition(".")[2]) in first
+            else len(first)
+        )
+    )
 
 
 def wandb_records(path: Path):

@@ -271,11 +271,11 @@ def test_multirun_with_ddp_refuses_at_start(tmp_path, corpus):
     assert not list(tmp_path.rglob("*.ckpt"))  # nothing trained
 
 
-@pytest.fixture(scope="module")
-def finetune_runs(tmp_path_factory, corpus):
-    """A gpt-nano pretrained in this process, then classification and instruction tuning from
+@pytest.fixture(scope="module", params=["classification", "instruction"])
+def finetune_runs(request, tmp_path_factory, corpus):
+    """A gpt-nano pretrained in this process, then classification or instruction tuning from
     it: one process of batch 8, 2 DDP ranks of 4, 2 FSDP ranks of 4, dropout off (dropout
-    masks are drawn per rank)."""
+    masks are drawn per rank). The run directories of the task."""
     import json
 
     from lmforge.cli.train import train
@@ -335,11 +335,11 @@ def finetune_runs(tmp_path_factory, corpus):
         "data.prompt_no_input='{instruction}: '",
     ]
     logs = root / "logs"
-    for args in (cls, ins):
-        train_here(logs, "single", *args, "trainer=cpu", "data.batch_size=8")
-        ok(run_train(logs, "ddp", *args, "trainer=ddp_cpu", "data.batch_size=4"))
-        ok(run_train(logs, "fsdp", *args, "trainer=fsdp_cpu", "data.batch_size=4"))
-    return logs
+    args = cls if request.param == "classification" else ins
+    train_here(logs, "single", *args, "trainer=cpu", "data.batch_size=8")
+    ok(run_train(logs, "ddp", *args, "trainer=ddp_cpu", "data.batch_size=4"))
+    ok(run_train(logs, "fsdp", *args, "trainer=fsdp_cpu", "data.batch_size=4"))
+    return logs / request.param
 
 
 def last_metric(run_dir: Path, key: str) -> float:
@@ -347,11 +347,10 @@ def last_metric(run_dir: Path, key: str) -> float:
         return float([r for r in csv.DictReader(f) if r.get(key)][-1][key])
 
 
-@pytest.mark.parametrize("task", ["classification", "instruction"])
-def test_fine_tuning_on_ddp_and_fsdp_matches_one_process(finetune_runs, task):
+def test_fine_tuning_on_ddp_and_fsdp_matches_one_process(finetune_runs):
     """2 ranks of batch 4 train on the examples one process of batch 8 does, step by step (the
     last, short global batch too), and validate each example once."""
-    runs = finetune_runs / task
+    runs, task = finetune_runs, finetune_runs.name
     single = load_checkpoint(runs / "single" / "checkpoints" / "last.ckpt")
     assert single["global_step"] >= 5
     for strategy in ("ddp", "fsdp"):
