@@ -12,25 +12,14 @@ from pathlib import Path
 from lmforge.errors import LMForgeError
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write ``data`` to a temporary name, fsync, and rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
-def atomic_torch_save(obj, path: Path) -> None:
-    """``torch.save`` to a temporary name, fsync, and rename it over ``path``."""
-    import torch
-
-    path.parent.mkdir(parents=True, exist_ok=True)
+@contextlib.contextmanager
+def atomic_open(path: Path) -> Iterator:
+    """A binary file to write ``path`` through: written under a temporary name beside it,
+    fsynced and renamed over ``path`` when the block ends; removed if the block fails."""
     tmp = path.with_name(path.name + ".tmp")
     try:
         with open(tmp, "wb") as f:
-            torch.save(obj, f)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -38,17 +27,22 @@ def atomic_torch_save(obj, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_open(path) as f:
+        f.write(data)
+
+
+def atomic_torch_save(obj, path: Path) -> None:
+    import torch
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(path) as f:
+        torch.save(obj, f)
+
+
 def atomic_copy(src: Path, path: Path) -> None:
-    """Copy ``src`` to a temporary name beside ``path``, fsync, and rename it over ``path``."""
-    tmp = path.with_name(path.name + ".tmp")
-    try:
-        with open(src, "rb") as fin, open(tmp, "wb") as fout:
-            shutil.copyfileobj(fin, fout, 16 << 20)
-            fout.flush()
-            os.fsync(fout.fileno())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with open(src, "rb") as fin, atomic_open(path) as fout:
+        shutil.copyfileobj(fin, fout, 16 << 20)
 
 
 MARKER = ".lmforge"  # written into every directory lmforge builds with staged_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -131,25 +132,9 @@ class SafetensorsDir:
         return [k for k in SafetensorsDir._header(file)[1] if k != "__metadata__"]
 
     @staticmethod
-    def _header(file: Path, _cache: dict = {}) -> tuple[int, dict]:  # noqa: B006 (a cache)
+    def _header(file: Path) -> tuple[int, dict]:
         """(bytes before the tensor data, the JSON header) of a safetensors file."""
-        key = (file, file.stat().st_mtime_ns)
-        if key not in _cache:
-            try:
-                with open(file, "rb") as f:
-                    n = int.from_bytes(f.read(8), "little")
-                    if not 2 <= n <= 100_000_000:
-                        raise ValueError(f"header length {n}")
-                    header = json.loads(f.read(n))
-                if not isinstance(header, dict):
-                    raise ValueError("header is not a JSON object")
-            except (OSError, ValueError, UnicodeDecodeError) as e:
-                raise LMForgeError(
-                    f"{file} cannot be read ({type(e).__name__}): the file is corrupt or"
-                    " truncated; download it again"
-                ) from None
-            _cache[key] = (8 + n, header)
-        return _cache[key]
+        return _safetensors_header(file, file.stat().st_mtime_ns)
 
     def names(self) -> set[str]:
         return set(self.files)
@@ -204,6 +189,25 @@ class SafetensorsDir:
                     )
                 flat[done : done + k].copy_(buf[:k])
                 done += k
+
+
+@functools.lru_cache(maxsize=256)
+def _safetensors_header(file: Path, mtime_ns: int) -> tuple[int, dict]:
+    """Read once per version of the file (``mtime_ns``), however many tensors are taken from it."""
+    try:
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if not 2 <= n <= 100_000_000:
+                raise ValueError(f"header length {n}")
+            header = json.loads(f.read(n))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        raise LMForgeError(
+            f"{file} cannot be read ({type(e).__name__}): the file is corrupt or truncated;"
+            " download it again"
+        ) from None
+    return 8 + n, header
 
 
 DTYPES = {
