@@ -19,6 +19,7 @@ import torch
 from lmforge.checkpoint import consolidate, load_checkpoint
 from lmforge.data.datasets import RankShard, SequentialWindows, blank, open_split
 
+from . import launch
 from .conftest import ROOT, SHAKESPEARE, train_run
 
 STEPS = 10
@@ -34,31 +35,38 @@ def train_here(log_dir: Path, name: str, *overrides: str) -> None:
     train_run(log_dir, name, *FIXED, *overrides)
 
 
+LIGHTNING = [sys.executable, "-m"]  # Lightning's own launcher: it starts rank 1 itself
+
+
 def run_train(
     log_dir: Path,
     name: str | None,
     *overrides: str,
     launcher: list[str] | None = None,
-    multirun: bool = False,
+    nprocs: int = 2,
     wandb: str = "disabled",
 ):
+    """A multi-process run. By default its ``nprocs`` ranks are forked together from the test
+    session's server as torchrun would start them (``launch.run_ranks``); ``launcher`` runs the
+    command under another launcher instead (``LIGHTNING``, torchrun)."""
     env = os.environ | {"WANDB_MODE": wandb, "PYTHONUNBUFFERED": "1"}
-    cmd = (launcher or [sys.executable, "-m"]) + ["lmforge.cli.train"] + ["-m"] * multirun
-    proc = subprocess.run(
-        [
-            *cmd,
-            *FIXED,
-            f"paths.log_dir={log_dir}",
-            *([f"run_name={name}"] if name else []),
-            *overrides,
-        ],
+    args = [
+        *FIXED,
+        f"paths.log_dir={log_dir}",
+        *([f"run_name={name}"] if name else []),
+        *overrides,
+    ]
+    if launcher is None:
+        cmd = [sys.executable, "-m", "lmforge.cli.train", *args]
+        return launch.run_ranks(cmd, nprocs, env=env, cwd=ROOT)
+    return subprocess.run(
+        [*launcher, "lmforge.cli.train", *args],
         capture_output=True,
         text=True,
         cwd=ROOT,
         env=env,
         timeout=600,
     )
-    return proc
 
 
 def ok(proc) -> subprocess.CompletedProcess:
@@ -105,7 +113,9 @@ def gpt_runs(tmp_path_factory, corpus):
         *SCHEDULE,
     ]
     train_here(logs, "single", *common, "trainer=cpu", "data.batch_size=8")
-    ddp = ok(run_train(logs, "ddp", *common, "trainer=ddp_cpu", "data.batch_size=4"))
+    ddp = ok(
+        run_train(logs, "ddp", *common, "trainer=ddp_cpu", "data.batch_size=4", launcher=LIGHTNING)
+    )
     fsdp = [*common, "trainer=fsdp_cpu", "data.batch_size=4", "task.activation_checkpointing=true"]
     ok(run_train(logs, "fsdp", *fsdp, "logger=default", wandb="offline"))
     return logs / "causal_lm", common, ddp
@@ -207,6 +217,7 @@ def test_fsdp_resumes_on_two_ranks_and_on_one(gpt_runs):
             "trainer.devices=1",
             "data.batch_size=8",
             f"resume={ckpt}",
+            nprocs=1,
         )
     )
     train_here(logs, "single14", *more, "trainer=cpu", "data.batch_size=8")
@@ -255,16 +266,20 @@ def test_torchrun_launch_writes_one_run(gpt_runs):
 
 
 def test_multirun_with_ddp_refuses_at_start(tmp_path, corpus):
-    proc = run_train(
-        tmp_path,
-        "sweep",
-        "callbacks.text_samples=null",
-        "model=gpt-nano",
-        "trainer=ddp_cpu",
-        f"data.dir={tmp_path}/data",
-        f"data.prepare.source.paths=[{corpus}]",
-        "task.optim.lr=1e-3,2e-3",
-        multirun=True,
+    """``lmforge-train -m ... trainer=ddp_cpu``, one process as the user starts it."""
+    cmd = [sys.executable, "-m", "lmforge.cli.train", "-m", *FIXED, f"paths.log_dir={tmp_path}"]
+    proc = launch.run(
+        [
+            *cmd,
+            "run_name=sweep",
+            "callbacks.text_samples=null",
+            "model=gpt-nano",
+            "trainer=ddp_cpu",
+            f"data.dir={tmp_path}/data",
+            f"data.prepare.source.paths=[{corpus}]",
+            "task.optim.lr=1e-3,2e-3",
+        ],
+        cwd=ROOT,
     )
     assert proc.returncode == 2
     assert "-m (multirun) cannot drive a 2-process strategy" in proc.stderr
