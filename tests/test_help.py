@@ -14,7 +14,8 @@ from hydra.core.global_hydra import GlobalHydra
 
 from lmforge.cli import consolidate, eval, export, generate, plot, prepare, train
 from lmforge.config import CONF_DIR
-from tests.conftest import compose_cli
+
+from .conftest import compose_cli
 
 HYDRA_CLIS = {"train": train, "prepare": prepare, "eval": eval, "generate": generate}
 
