@@ -9,6 +9,7 @@ dataclass's schema, so an unknown key or a value of the wrong type fails before 
 from __future__ import annotations
 
 import dataclasses
+import importlib.resources
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,7 +20,13 @@ from omegaconf.errors import OmegaConfBaseException
 from lmforge.errors import LMForgeError
 
 T = TypeVar("T")
-CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
+# The package's resources: every config (conf/) and the small data sets it names
+# (bundled_data/). In a checkout they are links to its top-level conf/ and data/; a wheel holds
+# copies. CHECKOUT: the source tree lmforge runs from (an editable install), or None.
+PACKAGE_DIR = Path(str(importlib.resources.files("lmforge")))
+CONF_DIR = (PACKAGE_DIR / "conf").resolve()
+BUNDLED_DATA_DIR = (PACKAGE_DIR / "bundled_data").resolve()
+CHECKOUT = CONF_DIR.parent if (CONF_DIR.parent / "pyproject.toml").is_file() else None
 
 
 def build(node: DictConfig | dict, path: str, cls: type[T] | None = None, **overrides: Any) -> T:

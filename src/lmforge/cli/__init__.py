@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import sys
@@ -12,13 +13,15 @@ from datetime import datetime
 from pathlib import Path
 
 from hydra.errors import InstantiationException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from lmforge.config import CONF_DIR
+from lmforge.config import BUNDLED_DATA_DIR, CHECKOUT, CONF_DIR
 from lmforge.errors import LMForgeError
 
 CONFIG_PATH = str(CONF_DIR)
 warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+# hydra.searchpath of train/prepare/eval.yaml names ./conf, which most working directories lack
+warnings.filterwarnings("ignore", message="provider=hydra.searchpath in main, path=conf is not")
 
 
 def default_run_name() -> str:
@@ -59,9 +62,32 @@ def run_dir(parent: str, name) -> str:
     return str(path)
 
 
-OmegaConf.register_new_resolver("lmforge_root", lambda: str(CONF_DIR.parent), replace=True)
+# paths.root_dir: the checkout lmforge runs from, else the working directory (installed)
+OmegaConf.register_new_resolver("lmforge_root", lambda: str(CHECKOUT or Path.cwd()), replace=True)
+OmegaConf.register_new_resolver("lmforge_bundled_data", lambda: str(BUNDLED_DATA_DIR), replace=True)
 OmegaConf.register_new_resolver("lmforge_run_name", default_run_name, replace=True, use_cache=True)
 OmegaConf.register_new_resolver("lmforge_run_dir", run_dir, replace=True)
+
+
+def help_value(key: str, *, _root_: DictConfig) -> str:
+    """``--help``: a key's value in the composition the command would run, as YAML writes it;
+    ``-`` where the composition has no such key."""
+    value = OmegaConf.select(_root_, key, default="-", throw_on_resolution_failure=False)
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    plain = isinstance(value, str) and value.isprintable() and value.strip() == value != ""
+    return value if plain else json.dumps(value)
+
+
+def config_options(group: str) -> str:
+    """``--help``: the configs lmforge ships in a group."""
+    return ", ".join(sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml")))
+
+
+# What each command's hydra.help.template (its --help) shows: values, options, the shipped conf/
+OmegaConf.register_new_resolver("lmforge_value", help_value, replace=True)
+OmegaConf.register_new_resolver("lmforge_options", config_options, replace=True)
+OmegaConf.register_new_resolver("lmforge_conf_dir", lambda: str(CONF_DIR), replace=True)
 
 
 def exit_with_error(e: LMForgeError):

@@ -19,7 +19,15 @@ from lmforge.errors import LMForgeError
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge-consolidate", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lmforge-consolidate",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  lmforge-consolidate logs/causal_lm/my_run/checkpoints/last.ckpt
+  lmforge-consolidate logs/causal_lm/my_run/checkpoints/last.ckpt -o model.ckpt
+  lmforge-consolidate logs/causal_lm/my_run/checkpoints/step2000.ckpt -o step2000.ckpt""",
+    )
     parser.add_argument("checkpoint", help="sharded checkpoint directory written by trainer=fsdp")
     parser.add_argument(
         "-o", "--output", help="file to write (default: <name>.consolidated.ckpt beside it)"

@@ -33,7 +33,15 @@ def export(checkpoint: str, out: str) -> str:
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge-export", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lmforge-export",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  lmforge-export logs/causal_lm/my_run/checkpoints/last.ckpt exports/my-gpt
+  lmforge-export logs/masked_lm/my_bert/checkpoints/last.ckpt exports/my-bert
+  lmforge-export logs/instruction/my_run/checkpoints/last.ckpt exports/my-chat  # + chat template""",
+    )
     parser.add_argument(
         "checkpoint", help="a checkpoint of lmforge-train (file or sharded directory)"
     )

@@ -51,13 +51,23 @@ def read_run(run_dir: Path) -> dict[str, list[tuple[float, float]]]:
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge-plot", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lmforge-plot",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  lmforge-plot logs/causal_lm/my_run
+  lmforge-plot logs/causal_lm/run_a logs/causal_lm/run_b -o curves.png --x tokens
+  lmforge-plot logs/causal_lm/multirun/2025-01-01_12-00-00/* -o sweep.png --title 'lr sweep'""",
+    )
     parser.add_argument("runs", nargs="+", help="run directories (logs/<task>/<run_name>)")
     parser.add_argument(
         "-o", "--output", default="curves.png", help="the PNG to write (an SVG too)"
     )
-    parser.add_argument("--x", choices=["step", "tokens"], default="step")
-    parser.add_argument("--title", default=None)
+    parser.add_argument(
+        "--x", choices=["step", "tokens"], default="step", help="the x-axis (default: step)"
+    )
+    parser.add_argument("--title", default=None, help="a title above the plots")
     args = parser.parse_args(argv)
     try:
         import matplotlib
