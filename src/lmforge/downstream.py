@@ -301,7 +301,7 @@ def mc_pairs(
 ) -> list[Pair]:
     """The token pairs of every choice of ``items``; a choice longer than the model's context
     (which no truncation of the context can fit) is refused, naming the item."""
-    pairs, k = [], 0
+    pairs = []
     for n, item in enumerate(items):
         for j, choice in enumerate(item.choices):
             ctx, cont = encode_pair(encode, item.context, delimiter + choice, prefix_id)
@@ -317,7 +317,6 @@ def mc_pairs(
                     " choices"
                 )
             pairs.append((ctx, cont))
-        k += len(item.choices)
     return pairs
 
 
