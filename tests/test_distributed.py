@@ -97,12 +97,32 @@ def corpus(tmp_path_factory) -> Path:
     return path
 
 
+MC_ITEMS = 9  # odd: two ranks score 5 and 4 items
+
+
+def short_choice_set(path: Path) -> Path:
+    """The first bundled multiple-choice items, their choices cut to 30 characters to fit
+    gpt-nano's 32-token context (their contexts do not: they are cut from the left)."""
+    import json
+
+    bundled = ROOT / "data" / "shakespeare_mc" / "shakespeare_mc.jsonl"
+    items = [json.loads(line) for line in bundled.read_text().splitlines()]
+    short = [i | {"choices": [c[:30] for c in i["choices"]]} for i in items[:MC_ITEMS]]
+    path.write_text("".join(json.dumps(i) + "\n" for i in short))
+    return path
+
+
 @pytest.fixture(scope="module")
 def gpt_runs(tmp_path_factory, corpus):
-    """GPT: one process of batch 8; 2 DDP ranks of 4; 2 FSDP ranks of 4 (10 steps each)."""
+    """GPT: one process of batch 8; 2 DDP ranks of 4; 2 FSDP ranks of 4 (10 steps each), with
+    the multiple-choice callback at steps 5 and 10."""
     logs = tmp_path_factory.mktemp("gpt")
+    mc_set = short_choice_set(logs / "mc.jsonl")
     common = [
         "model=gpt-nano",
+        "callbacks=[default,multiple_choice]",
+        f"callbacks.multiple_choice.sets.shakespeare_mc.path={mc_set}",
+        "callbacks.multiple_choice.every_n_steps=5",
         "callbacks.text_samples.max_new_tokens=8",  # every rank generates (FSDP gathers)
         f"data.dir={logs}/data",
         f"data.prepare.source.paths=[{corpus}]",
@@ -175,6 +195,79 @@ def test_two_ranks_write_one_wandb_run_and_one_csv(gpt_runs):
     runs, _, _ = gpt_runs
     assert len(list((runs / "fsdp" / "wandb").glob("offline-run-*"))) == 1
     assert len(list((runs / "fsdp").rglob("metrics.csv"))) == 1
+
+
+def mc_rows(run_dir: Path) -> list[tuple[str, str, str]]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [
+            (r["step"], r["eval/shakespeare_mc/acc"], r["eval/shakespeare_mc/acc_norm"])
+            for r in csv.DictReader(f)
+            if r.get("eval/shakespeare_mc/acc")
+        ]
+
+
+def test_multiple_choice_accuracy_of_two_ranks_is_one_processs(gpt_runs):
+    """Each rank scores its share of the 9 items; the counts are summed once: the accuracies
+    logged at steps 5 and 10 are those of one process, and the truncation is told once."""
+    runs, _, ddp = gpt_runs
+    one = mc_rows(runs / "single")
+    assert [r[0] for r in one] == ["5", "10"]
+    assert mc_rows(runs / "ddp") == one
+    assert mc_rows(runs / "fsdp") == one
+    told = (ddp.stdout + ddp.stderr).count("items are longer than the model's 32-token context")
+    assert told == 1
+
+
+def test_harness_scores_the_callbacks_accuracy_offline(gpt_runs, tmp_path, capfd, monkeypatch):
+    """lmforge-eval tasks=... runs lm-evaluation-harness offline on local task files: its acc and
+    acc_norm of the multiple-choice task equal the callback's at the last step, and its greedy
+    generations equal the model's own, decoded without the KV cache."""
+    import json
+
+    from lmforge.checkpoint import load_model
+    from lmforge.cli.eval import main
+
+    from .conftest import run_cli, wandb_records, wandb_values
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    runs, _, _ = gpt_runs
+    mc_set = runs.parent / "mc.jsonl"
+    data = f"dataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {mc_set}\ntest_split: test\n"
+    (tmp_path / "mc.yaml").write_text(
+        "task: t_mc\n" + data + "output_type: multiple_choice\ndoc_to_text: '{{context}}'\n"
+        'doc_to_choice: choices\ndoc_to_target: label\ntarget_delimiter: "\\n"\n'
+        "metric_list:\n  - metric: acc\n  - metric: acc_norm\n"
+    )
+    (tmp_path / "gen.yaml").write_text(
+        "task: t_gen\n" + data + "output_type: generate_until\n"
+        "doc_to_text: \"{{context}}\\n\"\ndoc_to_target: '{{choices[label]}}'\n"
+        "generation_kwargs:\n  until: ['@']\n  max_gen_toks: 12\n"
+        "metric_list:\n  - metric: exact_match\n"
+    )
+    ckpt = runs / "single" / "checkpoints" / "last.ckpt"
+    args = [f"ckpt_path={ckpt}", "tasks=[t_mc,t_gen]", f"include_path={tmp_path}"]
+    proc = run_cli(capfd, main, "eval", *args, "batch_size=3", "log_samples=true")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads((ckpt.parent / "last.lm_eval.json").read_text())
+    _, acc, acc_norm = mc_rows(runs / "single")[-1]
+    assert out["results"]["t_mc"]["acc,none"] == float(acc)
+    assert out["results"]["t_mc"]["acc_norm,none"] == float(acc_norm)
+    assert out["results"]["t_mc"]["sample_len"] == MC_ITEMS
+    assert out["truncated"] >= 1  # the contexts longer than 32 tokens, counted
+    loaded = load_model(ckpt)
+    model, tok = loaded.model, loaded.tokenizer
+    samples = sorted(out["samples"]["t_gen"], key=lambda s: s["doc_id"])
+    for line, sample in zip(mc_set.read_text().splitlines(), samples):
+        ids = tok.encode(json.loads(line)["context"] + "\n").ids[-(32 - 12) :]
+        new = model.generate(torch.tensor([ids]), 12, temperature=0, use_cache=False)[0, len(ids) :]
+        assert sample["filtered_resps"] == [tok.decode(new.tolist())]
+    (run,) = (ckpt.parent / "wandb").glob("offline-run-*/run-*.wandb")  # wandb=auto: offline
+    logged = {}
+    for record in wandb_records(run):
+        if record.WhichOneof("record_type") == "history":
+            logged |= wandb_values(record.history.item)
+    assert float(logged["t_mc/acc"]) == float(acc)
 
 
 def test_two_rank_validation_equals_one_rank(gpt_runs):

@@ -27,16 +27,16 @@ def load_model_and_tokenizer(ckpt_path, tokenizer_path):
     return model, tok
 
 
-def load_for_generation(ckpt_path, tokenizer_path):
+def load_for_generation(ckpt_path, tokenizer_path, what: str = "generating and scoring text"):
     """:func:`load_model_and_tokenizer`, and what the tokenizer's tokenizer_config.json says
-    (special tokens, chat template)."""
+    (special tokens, chat template); ``what``: the use named when the model is not causal."""
     from tokenizers import Tokenizer
 
     from lmforge.checkpoint import load_model
 
     if ckpt_path is None:
         raise LMForgeError("no checkpoint given: pass ckpt_path=<run dir>/checkpoints/last.ckpt")
-    loaded = load_model(ckpt_path, causal=True, what="generating and scoring text")
+    loaded = load_model(ckpt_path, causal=True, what=what)
     model, tok = loaded.model, loaded.tokenizer
     if tokenizer_path is not None:
         if not Path(tokenizer_path).is_file():
