@@ -166,6 +166,14 @@ def test_the_summary_of_a_storage_lists_its_trials_or_names_what_is_wrong(tmp_pa
         " (hydra.sweeper.storage=sqlite:///<file>)"
     )
     assert not db.exists()  # not created by reading it
+    (tmp_path / "notes.db").write_text("not a database")
+    assert error(f"sqlite:///{tmp_path / 'notes.db'}") == (
+        f"error: sqlite:///{tmp_path / 'notes.db'}: {tmp_path / 'notes.db'} is not an Optuna"
+        " storage (no studies table)"
+    )
+    assert error("postgresql://host/optuna") == (
+        "error: name the study of postgresql://host/optuna to read with --study NAME"
+    )
     x = optuna.distributions.UniformDistribution(0.0, 1.0)
     for name in ("a", "b"):
         study = optuna.create_study(study_name=name, storage=storage)
