@@ -202,7 +202,7 @@ def tiny(train_cfg, *overrides: str):
         "logger=csv",
         "callbacks.text_samples=null",
         "trainer.log_every_n_steps=1",
-        "trainer.val_check_interval=100",
+        "trainer.limit_val_batches=0",  # no validation: only the periodic checkpoints
         "callbacks.periodic_checkpoint.every_n_train_steps=10",
         "model.dropout=0.1",
         *overrides,

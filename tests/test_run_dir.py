@@ -104,6 +104,7 @@ def test_a_second_run_of_one_run_directory_is_refused_until_the_first_ends(train
         ("trainer.max_steps=-5", r"trainer.max_steps=-5: use a positive .* or -1 for no limit"),
         ("trainer.precision=banana", "trainer.precision='banana': use one of .*bf16-mixed"),
         ("logger.wandb.mode=sometimes", "logger.wandb.mode='sometimes': use auto, online"),
+        ("logger.wandb.log_model=all", "logger.wandb.log_model='all': use true .* or false"),
     ],
 )
 def test_bad_trainer_and_logger_settings_are_refused_in_one_line(train_cfg, override, message):

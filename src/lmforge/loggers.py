@@ -8,6 +8,7 @@ import netrc
 import os
 import secrets
 from pathlib import Path
+from typing import Any
 
 from lmforge.errors import LMForgeError
 
@@ -31,20 +32,29 @@ def wandb_mode(mode: str) -> str:
         return "offline"
 
 
-def wandb_logger(mode: str = "auto", flush_every_s: float = 1.0, **kwargs):
+def wandb_logger(mode: str = "auto", flush_every_s: float = 1.0, log_model: bool = False, **kwargs):
     """A Lightning ``WandbLogger`` in the resolved mode, or None when W&B is disabled.
 
     Offline runs are written under ``save_dir/wandb/offline-run-*``, one folder per process of
     a resumed run; ``wandb sync save_dir/wandb`` uploads them in start order into the one run.
     W&B writes its run file every ``flush_every_s`` seconds (its default, 15 s, is what a
     killed process loses). Credentials come from the environment or ``wandb login``, never the
-    config.
+    config. The run's summary holds the minimum of ``val/loss`` and ``val/ppl``.
+
+    ``log_model=True`` logs, when training ends, the best checkpoint (of the checkpoint callback
+    that monitors a metric) and the last one (``last.ckpt``) as versions of the artifact
+    ``model-<run id>``, aliased ``best`` and ``last``. lmforge's checkpoint callbacks write the
+    files; Lightning's own ``log_model`` refuses offline runs and marks a retention callback's
+    newest file "best". The files are copied into W&B's staging directory (``WANDB_DATA_DIR``),
+    so an offline run uploads them with ``wandb sync`` even after the run directory moved on.
     """
     from lightning.pytorch.loggers import WandbLogger
 
     mode = wandb_mode(mode)
+    log_model = wandb_log_model(log_model)
     if mode == "disabled":
         return None
+    from lightning.fabric.loggers.logger import rank_zero_experiment
     from lightning.fabric.utilities.logger import _add_prefix
     from lightning.pytorch.utilities import rank_zero_only
 
@@ -60,6 +70,63 @@ def wandb_logger(mode: str = "auto", flush_every_s: float = 1.0, **kwargs):
             super().__init__(**kwargs)
             if self._wandb_init.get("anonymous") is None:  # wandb warns at the bare key
                 del self._wandb_init["anonymous"]
+            self._saving_callbacks: dict[int, Any] = {}
+            self._logged_files: dict[str, float] = {}  # path: modification time logged
+
+        @property
+        @rank_zero_experiment
+        def experiment(self):
+            created = self._experiment is None
+            run = super().experiment
+            if created:
+                for key in ("val/loss", "val/ppl"):
+                    run.define_metric(
+                        key, step_metric="trainer/global_step", step_sync=True, summary="min"
+                    )
+            return run
+
+        def after_save_checkpoint(self, checkpoint_callback) -> None:
+            if log_model:
+                self._saving_callbacks[id(checkpoint_callback)] = checkpoint_callback
+
+        @rank_zero_only
+        def finalize(self, status: str) -> None:
+            if status == "success" and log_model and self._experiment is not None:
+                self.log_checkpoints()
+
+        def log_checkpoints(self) -> None:
+            """The newest best and last checkpoint files as versions of ``model-<run id>``
+            (each once; a later stage's finalize finds them logged)."""
+            import wandb
+
+            callbacks = list(self._saving_callbacks.values())
+            best = [
+                (c.best_model_path, {c.monitor: float(c.best_model_score)})
+                for c in callbacks
+                if c.monitor not in (None, "step")
+                and c.best_model_path
+                and c.best_model_score is not None
+            ]
+            last = [(c.last_model_path, {}) for c in callbacks if c.last_model_path]
+            for alias, found in (("best", best), ("last", last)):
+                found = [(Path(p), meta) for p, meta in found if Path(p).exists()]
+                if not found:
+                    continue
+                path, meta = max(found, key=lambda f: f[0].stat().st_mtime)
+                mtime = path.stat().st_mtime
+                if self._logged_files.get(f"{alias}:{path}") == mtime:
+                    continue
+                artifact = wandb.Artifact(
+                    f"model-{self.experiment.id}",
+                    type="model",
+                    metadata={"original_filename": path.name} | meta,
+                )
+                if path.is_dir():  # a sharded checkpoint
+                    artifact.add_dir(str(path), name="model.ckpt")
+                else:
+                    artifact.add_file(str(path), name="model.ckpt")
+                self.experiment.log_artifact(artifact, aliases=[alias])
+                self._logged_files[f"{alias}:{path}"] = mtime
 
         @rank_zero_only
         def log_metrics(self, metrics, step=None) -> None:
@@ -74,6 +141,17 @@ def wandb_logger(mode: str = "auto", flush_every_s: float = 1.0, **kwargs):
         kwargs.pop("settings", None) or {}
     )
     return Logger(offline=mode == "offline", id=run_id, resume="allow", settings=settings, **kwargs)
+
+
+def wandb_log_model(value) -> bool:
+    """``logger.wandb.log_model``: true (the best and last checkpoints as W&B artifacts) or
+    false."""
+    if not isinstance(value, bool):
+        raise LMForgeError(
+            f"logger.wandb.log_model={value!r}: use true (the best and last checkpoints as W&B"
+            " artifacts, at the end of training) or false"
+        )
+    return value
 
 
 def wandb_run_id(run_dir: str) -> str:

@@ -137,7 +137,7 @@ def lightning_precisions() -> list[str]:
 def check_run_settings(cfg: DictConfig) -> TrainerSettings:
     """Check the run-level settings the runner hands to Lightning and the loggers: ``seed``, the
     keys of :class:`TrainerSettings`, and the W&B mode. Raises LMForgeError naming the key."""
-    from lmforge.loggers import wandb_mode
+    from lmforge.loggers import wandb_log_model, wandb_mode
 
     seed = cfg.get("seed")
     if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**32:
@@ -147,6 +147,7 @@ def check_run_settings(cfg: DictConfig) -> TrainerSettings:
     for node in (cfg.get("logger") or {}).values():
         if isinstance(node, DictConfig) and node.get("_target_") == "lmforge.loggers.wandb_logger":
             wandb_mode(node.get("mode", "auto"))  # raises on an unknown mode
+            wandb_log_model(node.get("log_model", False))
     return settings
 
 

@@ -79,6 +79,10 @@ class TextSamples(L.Callback):
         for i, text in enumerate(self.last):
             print(f"\n----- sample {i} at step {step} -----\n{text}\n-----", flush=True)
             self.rows.append([step, i, text])
+        # the step Lightning logs this validation's metrics at, so the table joins their row
+        row_step = trainer.fit_loop.epoch_loop._batches_that_stepped
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
-                logger.log_text(key="samples", columns=["step", "sample", "text"], data=self.rows)
+                logger.log_text(
+                    key="samples", columns=["step", "sample", "text"], data=self.rows, step=row_step
+                )

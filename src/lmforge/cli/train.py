@@ -70,6 +70,7 @@ def train(cfg: DictConfig) -> dict:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lmforge.callbacks.checkpointing import AtomicCheckpointIO, Preempted
+    from lmforge.callbacks.validation import LastStepValidation
     from lmforge.loggers import trim_metrics
     from lmforge.signals import EXIT_REQUEUE
 
@@ -83,6 +84,7 @@ def train(cfg: DictConfig) -> dict:
 
     loggers = [lg for lg in map(hydra.utils.instantiate, (cfg.logger or {}).values()) if lg]
     callbacks = [hydra.utils.instantiate(c) for c in (cfg.callbacks or {}).values() if c]
+    callbacks.append(LastStepValidation())  # every run ends with a val/loss (a sweep's objective)
     # Data parallelism is in the data modules (each rank its rows of one global batch, its
     # share of the validation set), not in a DistributedSampler.
     trainer: L.Trainer = hydra.utils.instantiate(
