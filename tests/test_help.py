@@ -12,7 +12,7 @@ import pytest
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
-from lmforge.cli import consolidate, eval, export, generate, plot, prepare, train
+from lmforge.cli import consolidate, eval, export, generate, plot, prepare, sweep, train
 from lmforge.config import CONF_DIR
 
 from .conftest import compose_cli
@@ -68,7 +68,7 @@ def test_train_help(capsys, monkeypatch):
     assert "[-]" not in text  # every key it names exists
 
 
-@pytest.mark.parametrize("cli", [consolidate, export, plot], ids=lambda m: m.__name__)
+@pytest.mark.parametrize("cli", [consolidate, export, plot, sweep], ids=lambda m: m.__name__)
 def test_argparse_cli_help(capsys, cli):
     with pytest.raises(SystemExit) as e:
         cli.main(["--help"])

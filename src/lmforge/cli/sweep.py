@@ -66,9 +66,22 @@ def stored_trials(storage: str, study: str | None) -> list[tuple[str, dict[str, 
 
 @reports_errors
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="lmforge-sweep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="lmforge-sweep",
+        description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""examples:
+  lmforge-sweep logs/causal_lm/multirun/2026-01-01_12-00-00
+  lmforge-sweep logs/classification/multirun/2026-01-01_12-00-00 --metric val/acc --max
+  lmforge-sweep sqlite:///logs/sweeps.db --study char""",
+    )
     parser.add_argument("sweep", help="logs/<task>/multirun/<time>, or an Optuna storage URL")
-    parser.add_argument("--metric", default="val/loss")
+    parser.add_argument(
+        "--metric",
+        default="val/loss",
+        help="a sweep directory's metric, the last value logged in each trial's CSV"
+        " (default: val/loss); a storage holds the value each trial returned",
+    )
     parser.add_argument("--study", help="the study of the storage (if it holds several)")
     parser.add_argument("--max", action="store_true", help="higher is better (e.g. val/acc)")
     args = parser.parse_args(argv)
