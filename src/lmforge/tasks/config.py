@@ -16,6 +16,7 @@ from lmforge.data.classification import ClassificationDataConfig
 from lmforge.data.config import DataConfig
 from lmforge.data.instructions import InstructionDataConfig
 from lmforge.data.masking import MaskingConfig
+from lmforge.data.preferences import PreferenceDataConfig
 from lmforge.errors import LMForgeError
 from lmforge.models.lora import LoRAConfig
 from lmforge.tasks.optim import OptimConfig
@@ -24,6 +25,7 @@ DATA_KINDS = {  # what each data config holds, for messages
     DataConfig: "a prepared token set (data=shakespeare_char, gutenberg_bpe, corpus, ...)",
     ClassificationDataConfig: "labelled texts (data=sms_spam)",
     InstructionDataConfig: "instruction records (data=instructions)",
+    PreferenceDataConfig: "preference pairs (data=preferences)",
 }
 
 
