@@ -116,7 +116,11 @@ class Throughput(L.Callback):
             self.wait += now - self.last_end
         if self.t0 is None and trainer.global_step >= self.warmup:
             self.t0 = now
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        if isinstance(batch, dict):  # a preference batch holds chosen_ and rejected_input_ids
+            sides = [v for k, v in batch.items() if k.endswith("input_ids")]
+            ids = sides[0] if len(sides) == 1 else torch.cat(sides)
+        else:
+            ids = batch[0]
         if self.t0 is not None:
             self.tokens += ids.numel()
             self.samples += ids.size(0)
