@@ -37,6 +37,7 @@ GROUPS = [
 FINE_TUNE = {
     "classification": ["task=classification", "data=sms_spam", "model=pretrained"],
     "instruction": ["task=instruction", "data=instructions", "model=pretrained"],
+    "dpo": ["task=dpo", "data=preferences", "model=pretrained"],
 }
 COMPANIONS = {
     ("model", "pretrained"): FINE_TUNE["classification"],
@@ -45,6 +46,7 @@ COMPANIONS = {
     ("data", "instructions"): FINE_TUNE["instruction"],
     ("data", "instructions_chat"): FINE_TUNE["instruction"],
     ("task", "instruction"): FINE_TUNE["instruction"],
+    ("task", "dpo"): FINE_TUNE["dpo"],
 }
 
 
@@ -106,7 +108,7 @@ def pretrained_checkpoint(family: str, root: Path) -> Path:
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_factory):
     data_root = tmp_path_factory.getbasetemp() / "experiment-data"
-    if experiment.startswith(("finetune_", "instruct_")):  # they start from a pretrained model
+    if experiment.startswith(("finetune_", "instruct_", "dpo_")):  # from a pretrained model
         family = "bert" if "_bert" in experiment else "gpt"
         ckpt = pretrained_checkpoint(family, data_root / "pretrained")
         overrides = [f"experiment={experiment}", "debug=fdr", f"init_from={ckpt}"]

@@ -136,3 +136,104 @@ def test_bad_settings_name_the_key_and_the_fix(overrides, message):
 def test_reference_defaults_to_adapters_off_with_lora():
     assert DPOConfig().reference == "copy"
     assert DPOConfig(lora=LoRAConfig(rank=8)).reference == "adapters_off"
+
+
+def test_a_resumed_example_stream_continues_where_it_stopped():
+    """GlobalBatches.resume: a run resumed after 1 pass and 3 batches draws what the
+    uninterrupted run draws from there on, the next passes too (through the DataLoader, which
+    draws its base seed from the same generator)."""
+    from lmforge.data.datamodule import GlobalBatches
+
+    def loader(resume=None):
+        generator = torch.Generator().manual_seed(7)
+        batches = GlobalBatches(22, 4, generator)  # 6 batches a pass, the last short
+        if resume:
+            batches.resume(*resume)
+        return torch.utils.data.DataLoader(
+            list(range(22)), batch_sampler=batches, generator=generator
+        )
+
+    whole = loader()
+    passes = [[b.tolist() for b in whole] for _ in range(3)]
+    resumed = loader((1, 3))
+    after = [[b.tolist() for b in resumed] for _ in range(2)]
+    assert after == [passes[1][3:], passes[2]]
+    assert passes[1] != passes[2]  # the passes differ: a resumed run could not skip the replay
+
+
+def test_adapters_off_reference_trains_as_a_frozen_copy():
+    """Three AdamW steps of LoRA DPO against a frozen copy of the base model and against the
+    policy with its adapters off: the same losses and adapters, within 1e-5."""
+    torch.manual_seed(0)
+    base = DPOTask(MODEL).model
+    g = torch.Generator().manual_seed(1)
+
+    def rand(n: int) -> list[int]:
+        return torch.randint(2, 40, (n,), generator=g).tolist()
+
+    batches = [
+        pad_pairs([Pair(rand(4), rand(3) + [1], rand(2) + [1]) for _ in range(3)], 0)
+        for _ in range(3)
+    ]
+    runs = []
+    for reference in ("copy", "adapters_off"):
+        task = DPOTask(MODEL, {"lora": {"rank": 4}, "reference": reference, "beta": 0.5})
+        task.model.load_state_dict(base.state_dict(), strict=False)
+        torch.manual_seed(2)  # the same adapters' initialisation
+        for m in task.model.modules():
+            if isinstance(m, LoRALinear):
+                torch.nn.init.normal_(m.lora_a, std=0.3)
+        if reference == "copy":
+            task.set_reference(copy.deepcopy(base))
+        trained = [p for p in task.parameters() if p.requires_grad]
+        opt = torch.optim.AdamW(trained, lr=0.05)
+        losses = []
+        for batch in batches:
+            loss = task.pair_terms(batch, "train")[0].mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            losses.append(loss.item())
+        runs.append((losses, [p.detach().clone() for p in trained]))
+    (a, wa), (b, wb) = runs
+    assert a == pytest.approx(b, abs=1e-5) and a[0] != pytest.approx(a[-1], abs=1e-3)
+    assert max((x - y).abs().max().item() for x, y in zip(wa, wb, strict=True)) <= 1e-5
+
+
+def test_a_reference_of_another_model_is_refused(tmp_path):
+    from lmforge.checkpoint import load_model
+    from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer
+    from lmforge.tasks.dpo import reference_model, refuse_other_reference
+
+    tok = train_tokenizer(["hello world"], TokenizerConfig(kind="char"))
+    other = train_tokenizer(["goodbye moon"], TokenizerConfig(kind="char"))
+
+    def save(name: str, model: dict, tokenizer) -> str:
+        task = DPOTask(model)
+        torch.save(
+            {
+                "hyper_parameters": dict(task.hparams),
+                "state_dict": task.state_dict(),
+                "tokenizer": tokenizer.to_str(),
+                "dpo_reference_sha256": "0" * 64,
+            },
+            tmp_path / name,
+        )
+        return str(tmp_path / name)
+
+    policy = load_model(save("policy.ckpt", MODEL, tok))
+    deeper = save("deeper.ckpt", MODEL | {"n_layer": 3}, tok)
+    with pytest.raises(
+        LMForgeError,
+        match=r"task.reference_from=.*deeper.ckpt holds another architecture than init_from"
+        r" \(n_layer=3 \(init_from: 2\)\): use a checkpoint of the policy's architecture",
+    ):
+        reference_model(deeper, policy)
+    with pytest.raises(LMForgeError, match="another tokenizer than init_from: use a checkpoint"):
+        reference_model(save("other_tok.ckpt", MODEL, other), policy)
+    assert reference_model(save("same.ckpt", MODEL, tok), policy) is not None
+    with pytest.raises(
+        LMForgeError, match="trained against another reference model than init_from"
+    ):
+        refuse_other_reference(tmp_path / "policy.ckpt", "1" * 64, DPOConfig())
+    refuse_other_reference(tmp_path / "policy.ckpt", "0" * 64, DPOConfig())  # the same: resumes

@@ -69,6 +69,22 @@ def response_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return -nll.view(labels.shape).sum(-1)
 
 
+def pair_logps(model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed response log-probs of the chosen and the rejected responses of a batch of pairs
+    (each (B,)), in one forward of both."""
+    c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
+    c_lab, r_lab = batch["chosen_labels"], batch["rejected_labels"]
+    T = max(c_ids.size(1), r_ids.size(1))
+
+    def right_pad(x: torch.Tensor, value: int) -> torch.Tensor:
+        return F.pad(x, (0, T - x.size(1)), value=value)
+
+    ids = torch.cat([right_pad(c_ids, 0), right_pad(r_ids, 0)])  # (2B, T)
+    labels = torch.cat([right_pad(c_lab, -100), right_pad(r_lab, -100)])
+    logps = response_logps(model(ids), labels)
+    return logps[: c_ids.size(0)], logps[c_ids.size(0) :]
+
+
 def preference_loss(
     policy_chosen: torch.Tensor,
     policy_rejected: torch.Tensor,
@@ -234,40 +250,25 @@ class DPOTask(LMTask):
 
     # -- log-probs ---------------------------------------------------------------------------
 
-    def sequence_logps(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """Summed response log-probs of the chosen and the rejected responses (each (B,)), in
-        one forward of both."""
-        c_ids, r_ids = batch["chosen_input_ids"], batch["rejected_input_ids"]
-        c_lab, r_lab = batch["chosen_labels"], batch["rejected_labels"]
-        T = max(c_ids.size(1), r_ids.size(1))
-
-        def right_pad(x: torch.Tensor, value: int) -> torch.Tensor:
-            return F.pad(x, (0, T - x.size(1)), value=value)
-
-        ids = torch.cat([right_pad(c_ids, 0), right_pad(r_ids, 0)])  # (2B, T)
-        labels = torch.cat([right_pad(c_lab, -100), right_pad(r_lab, -100)])
-        logps = response_logps(model(ids), labels)
-        return logps[: c_ids.size(0)], logps[c_ids.size(0) :]
-
     @torch.no_grad()
     def reference_logps(self, batch, split: str) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache:
-            rows = self.cache[split].to(self.device)[batch["index"].clamp(min=0)]  # -1: a blank
+            rows = self.cache[split][batch["index"].clamp(min=0)]  # index -1: a blank
             return rows[:, 0], rows[:, 1]
         if self.reference is not None:
-            return self.sequence_logps(self.reference, batch)
+            return pair_logps(self.reference, batch)
         was = self.model.training  # the base model in eval mode, as a frozen copy would run
         self.model.eval()
         try:
             with adapters_off(self.model):
-                return self.sequence_logps(self.model, batch)
+                return pair_logps(self.model, batch)
         finally:
             self.model.train(was)
 
     def pair_terms(self, batch, split: str):
         """(per-pair losses, real-pair mask, the per-pair values of METRICS)."""
         ref_c, ref_r = self.reference_logps(batch, split)
-        pol_c, pol_r = self.sequence_logps(self.model, batch)
+        pol_c, pol_r = pair_logps(self.model, batch)
         t = self.task
         losses, chosen, rejected = preference_loss(
             pol_c, pol_r, ref_c, ref_r, t.loss, t.beta, t.label_smoothing
@@ -339,21 +340,25 @@ class DPOTask(LMTask):
             f"{self.reference_digest}|{pairs_digest(*splits.values())}"
             f"|{self.trainer.precision}".encode()
         ).hexdigest()
-        cached = read_cache(self.cache_path, key)
+        strategy = self.trainer.strategy
+        # Rank 0's reading for every rank: they all compute, or none does.
+        cached = strategy.broadcast(
+            read_cache(self.cache_path, key) if self.global_rank == 0 else None
+        )
         if cached is None:
             cached = {s: self.compute_reference(dm, s) for s in splits}
             if self.trainer.is_global_zero:
                 from lmforge.files import atomic_torch_save
 
                 atomic_torch_save({"key": key, **cached}, self.cache_path)
-            self.trainer.strategy.barrier()
+            strategy.barrier()
             rank_zero_info(
                 f"reference log-probs of {len(splits['train'])} + "
                 f"{len(splits['val'])} pairs computed, kept in {self.cache_path}"
             )
         else:
             rank_zero_info(f"reference log-probs read from {self.cache_path}")
-        self.cache = cached
+        self.cache = {split: logps.to(self.device) for split, logps in cached.items()}
 
     def compute_reference(self, dm, split: str) -> torch.Tensor:
         """(N, 2) reference log-probs of a split's pairs: each rank computes every world-th
