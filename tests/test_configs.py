@@ -47,6 +47,7 @@ COMPANIONS = {
     ("data", "instructions_chat"): FINE_TUNE["instruction"],
     ("task", "instruction"): FINE_TUNE["instruction"],
     ("task", "dpo"): FINE_TUNE["dpo"],
+    ("data", "preferences"): FINE_TUNE["dpo"],
 }
 
 
