@@ -13,14 +13,16 @@ from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer
 from lmforge.errors import LMForgeError
 from lmforge.models.bert import BertConfig
 from lmforge.models.gpt import GPTConfig
+from lmforge.models.lora import LoRAConfig
 from lmforge.tasks.config import RewardConfig
 from lmforge.tasks.reward import RewardTask
 
 
-def gpt_task(margin: float = 0.0, vocab: int = 16) -> RewardTask:
+def gpt_task(margin: float = 0.0, vocab: int = 16, lora: int = 0) -> RewardTask:
     torch.manual_seed(0)
     config = GPTConfig(vocab_size=vocab, block_size=32, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
-    return RewardTask(config, "gpt", pad_id=vocab - 1, task=RewardConfig(margin=margin)).eval()
+    task = RewardConfig(margin=margin, lora=LoRAConfig(rank=lora))
+    return RewardTask(config, "gpt", pad_id=vocab - 1, task=task).eval()
 
 
 def test_bradley_terry_loss_by_hand():
@@ -138,7 +140,11 @@ def test_export_matches_transformers(family, char_tok, tmp_path):
 def test_lmforge_score_writes_rewards_and_keeps_foreign_files(char_tok, tmp_path):
     from lmforge.cli.score import ScoreConfig, score
 
-    save(gpt_task(vocab=char_tok.get_vocab_size()), char_tok, tmp_path / "rm.ckpt")
+    task = gpt_task(vocab=char_tok.get_vocab_size(), lora=2)  # adapters, merged on loading
+    for name, p in task.named_parameters():
+        if "lora_b" in name:
+            torch.nn.init.normal_(p, std=0.5)  # (B starts at zero)
+    save(task, char_tok, tmp_path / "rm.ckpt")
     (tmp_path / "in.jsonl").write_text(
         json.dumps({"prompt": "abc ", "response": "def"})
         + "\n"
@@ -151,6 +157,11 @@ def test_lmforge_score_writes_rewards_and_keeps_foreign_files(char_tok, tmp_path
     rewards = score(c)
     rows = [json.loads(line) for line in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["reward"] for r in rows] == rewards and rows[0]["response"] == "def"
+    eot = char_tok.token_to_id("<|endoftext|>")
+    ids = char_tok.encode("abc def").ids + [eot]
+    with torch.no_grad():
+        direct = task(torch.tensor([ids]), torch.tensor([len(ids)])).item()
+    assert rewards[0] == pytest.approx(direct, abs=1e-5)
     score(c)  # its own output is replaced
     (tmp_path / "mine.jsonl").write_text("notes\n")
     c.out = str(tmp_path / "mine.jsonl")

@@ -89,6 +89,15 @@ class RewardModel(nn.Module):
 
     def export_hf(self, out):
         """Write a transformers ``*ForSequenceClassification`` directory (``num_labels=1``)."""
-        return self.family.export_hf(
-            self.backbone, out, self.tokenizer, score=self.head.weight.detach(), pad_id=self.pad_id
-        )
+        from lmforge.errors import LMForgeError
+
+        try:
+            return self.family.export_hf(
+                self.backbone,
+                out,
+                self.tokenizer,
+                score=self.head.weight.detach(),
+                pad_id=self.pad_id,
+            )
+        except ValueError as e:
+            raise LMForgeError(f"{e}: a reward model of it cannot be exported yet") from None

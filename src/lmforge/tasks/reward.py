@@ -59,6 +59,7 @@ class RewardTask(LMTask):
         task: RewardConfig | dict | None = None,
         seed: int = 0,
         batch_size: int = 16,
+        reward: bool = True,  # what checkpoints record to mark a reward model
     ) -> None:
         super().__init__(task or RewardConfig(), seed)
         self.batch_size = batch_size  # pairs per micro-batch: the loss scale of every step
