@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -180,8 +180,6 @@ def _shared_text(chosen: str, rejected: str) -> int:
         if a != b:
             break
         k += 1
-    if k == min(len(chosen), len(rejected)) and len(chosen) == len(rejected):
-        return k  # identical: refused by the caller
     while k > 0 and not chosen[k - 1].isspace():
         k -= 1
     while k > 0 and chosen[k - 1] == " ":  # the space goes with the response's first word
@@ -213,9 +211,11 @@ def split_pair(record: dict, fmt: str, n: int, where: str):
                 " all message lists"
             )
         return prompt, chosen, rejected
+    if chosen == rejected:  # implicit: nothing differs (refused by the caller)
+        return chosen[:0], chosen, rejected
     if isinstance(chosen, str):  # implicit: the shared beginning is the prompt
         k = _shared_text(chosen, rejected)
-        if k == 0 and chosen != rejected:
+        if k == 0:
             raise LMForgeError(
                 f"{where} record {n}: 'chosen' and 'rejected' share no prompt (the implicit form"
                 " takes the prompt from their common start): give a 'prompt' (explicit form)"
@@ -406,6 +406,45 @@ def frame_settings(frame, tokenizer) -> TokenizerSettings:
         add_bos_token=bos is not None,
         source="the model family's text frame (no tokenizer_config.json)",
     )
+
+
+def model_settings(settings: TokenizerSettings | None, frame, tokenizer) -> TokenizerSettings:
+    """The settings a model's pairs are framed with: its ``tokenizer_config.json``'s when they
+    name an EOS, else its family's frame (``frame_settings``) with any chat template kept."""
+    if settings is not None and settings.eos_token is not None:
+        return settings
+    framed = frame_settings(frame, tokenizer)
+    return replace(framed, chat_template=settings.chat_template if settings else None)
+
+
+def encode_responses(
+    records: list[dict], framing: Framing, cfg: PreferenceDataConfig, where: str
+) -> list[tuple[list[int], list[int]]]:
+    """(prompt, response) tokens of records to score, framed as pairs are: a ``response`` with
+    the alpaca form's ``instruction`` (and ``input``), or with a ``prompt``; or a ``text`` alone
+    (a prompt of just the BOS, if any). Too long: the prompt keeps its end, the response its
+    start."""
+    enc, out = PairEncoder(framing, cfg), []
+    for n, record in enumerate(records, 1):
+        if not isinstance(record, dict) or not isinstance(
+            record.get("response", record.get("text")), str
+        ):
+            raise LMForgeError(
+                f"{where} record {n} needs a string 'response' (with 'instruction' or 'prompt')"
+                " or a string 'text'"
+            )
+        if "response" not in record:
+            p, r = enc.text("", record["text"])
+        else:
+            pair = record | {"chosen": record["response"], "rejected": record["response"]}
+            prompt, chosen, rejected = split_pair(
+                pair, record_format(pair, n, cfg, where), n, where
+            )
+            p, r, _ = enc.encode(prompt, chosen, rejected, n, where)
+        if len(p) + len(r) > cfg.max_len:
+            p, r, _, _ = truncate(p, r, r, len(framing.bos_ids), cfg)
+        out.append((p, r))
+    return out
 
 
 def __getattr__(name: str):

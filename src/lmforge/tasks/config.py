@@ -146,6 +146,28 @@ class InstructionConfig(TaskConfig):
 
 
 @dataclass
+class RewardConfig(TaskConfig):
+    """A reward model: a scalar head on a pretrained GPT (last token) or BERT (pooled [CLS]),
+    trained on preference pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected
+    - margin)."""
+
+    name: str = "reward"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train_last_blocks: int | None = None  # train only the last k blocks (and the head); null: all
+    margin: float = 0.0  # added to each pair's own (a record's `margin`): r_c must beat r_r by it
+    module: ClassVar[str] = "lmforge.tasks.reward.RewardTask"
+    data: ClassVar[type] = PreferenceDataConfig
+    pretrained: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_last_blocks is not None and self.train_last_blocks < 0:
+            raise LMForgeError(
+                f"task.train_last_blocks must be >= 0 or null, got {self.train_last_blocks}"
+            )
+
+
+@dataclass
 class DPOConfig(TaskConfig):
     """Direct preference optimisation of an instruction-tuned GPT (init_from) against a frozen
     reference of it."""
