@@ -37,6 +37,8 @@ GROUPS = [
 FINE_TUNE = {
     "classification": ["task=classification", "data=sms_spam", "model=pretrained"],
     "instruction": ["task=instruction", "data=instructions", "model=pretrained"],
+    "reward": ["task=reward", "data=preferences", "model=pretrained"],
+    "dpo": ["task=dpo", "data=preferences", "model=pretrained"],
 }
 COMPANIONS = {
     ("model", "pretrained"): FINE_TUNE["classification"],
@@ -45,6 +47,9 @@ COMPANIONS = {
     ("data", "instructions"): FINE_TUNE["instruction"],
     ("data", "instructions_chat"): FINE_TUNE["instruction"],
     ("task", "instruction"): FINE_TUNE["instruction"],
+    ("data", "preferences"): FINE_TUNE["reward"],
+    ("task", "reward"): FINE_TUNE["reward"],
+    ("task", "dpo"): FINE_TUNE["dpo"],
 }
 
 
@@ -106,18 +111,21 @@ def pretrained_checkpoint(family: str, root: Path) -> Path:
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_factory):
     data_root = tmp_path_factory.getbasetemp() / "experiment-data"
-    if experiment.startswith(("finetune_", "instruct_")):  # they start from a pretrained model
+    if experiment.startswith(("finetune_", "instruct_", "rm_", "dpo_")):  # from a pretrained model
         family = "bert" if "_bert" in experiment else "gpt"
         ckpt = pretrained_checkpoint(family, data_root / "pretrained")
         overrides = [f"experiment={experiment}", "debug=fdr", f"init_from={ckpt}"]
         if experiment.startswith("finetune_"):
             overrides += ["data.on_empty=skip", "data.max_len=32"]
+        elif experiment == "rm_bert":  # prompts keep their end within bert-nano's context
+            overrides += ["data.max_len=64"]
         else:  # characters: the Alpaca prompt alone is ~170 tokens
             overrides += ["data.max_len=256"]
         cfg = compose_train(overrides, tmp_path)
         metrics = train(cfg)
         assert metrics["train/loss"] > 0
         assert "test/acc" in metrics or not experiment.startswith("finetune_")
+        assert "test/accuracy" in metrics or not experiment.startswith("rm_")
         # The run records the model it trained: the pretrained model's family and fields.
         from omegaconf import OmegaConf
 

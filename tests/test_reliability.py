@@ -195,6 +195,96 @@ def test_killed_bert_run_resumes_bitwise(tmp_path):
     assert_same_run(runs / "killed", runs / "whole", proc, steps=30)
 
 
+@pytest.fixture(scope="module")
+def dpo(gpt):
+    """DPO from the gpt fixture's model on short synthetic pairs (8 pairs a batch, 7 batches an
+    epoch: the kill lands mid-epoch), reference log-probs precomputed; the uninterrupted run."""
+    import json
+
+    logs, _ = gpt
+    polite = ["Gladly, here it is.", "With pleasure, friend.", "Of course, good sir."]
+    rude = ["No. Go away.", "Ask someone else.", "Why should I care?"]
+    words = [
+        "the",
+        "king",
+        "and",
+        "his",
+        "lords",
+        "went",
+        "forth",
+        "to",
+        "see",
+        "the",
+        "queen",
+        "at",
+        "court",
+    ]
+    pairs = [
+        {
+            "instruction": f"Tell of {w}",
+            "input": "",
+            "chosen": polite[i % 3],
+            "rejected": rude[i % 3],
+        }
+        for i, w in enumerate(words * 6)
+    ]
+    for split, part in (("train", pairs[:56]), ("val", pairs[56:66])):
+        (logs / f"pairs_{split}.json").write_text(json.dumps(part))
+    common = [
+        "experiment=dpo_gpt",
+        f"init_from={logs / 'causal_lm' / 'whole' / 'checkpoints' / 'last.ckpt'}",
+        f"data.train={logs / 'pairs_train.json'}",
+        f"data.val={logs / 'pairs_val.json'}",
+        "data.test=null",
+        "data.max_len=32",
+        "data.prompt='{instruction} {input}: '",
+        "data.prompt_no_input='{instruction}: '",
+        "trainer.max_epochs=-1",
+        "trainer.check_val_every_n_epoch=null",  # validation every 30 batches, across epochs
+        "task.precompute_reference=true",
+        "task.optim.lr=1e-3",
+    ]
+    train_run(logs, "dpo-whole", *SETTINGS, *common)
+    return logs, common
+
+
+def test_killed_dpo_run_resumes_bitwise(dpo):
+    """The data order across epochs, dropout, and the reference log-probs (read back from
+    beside the run) continue exactly."""
+    logs, common = dpo
+    runs = logs / "dpo"
+    interrupt(
+        command(logs, "dpo-killed", *common), runs / "dpo-killed", signal.SIGKILL, random.Random(5)
+    )
+    proc = ok(run(command(logs, "dpo-killed", *common, "resume=auto")))
+    assert "reference log-probs read from" in proc.stdout + proc.stderr
+    assert_same_run(runs / "dpo-killed", runs / "dpo-whole", proc)
+
+
+def test_precomputed_reference_logps_are_the_reference_models(dpo):
+    """The cached log-probs equal those of the init_from model computed here, pair by pair."""
+    from omegaconf import OmegaConf
+
+    from lmforge.checkpoint import load_model
+    from lmforge.config import build
+    from lmforge.tasks.dpo import DPODataModule, collate, pair_logps
+
+    logs, _ = dpo
+    run_dir = logs / "dpo" / "dpo-whole"
+    cache = load_checkpoint(run_dir / "reference_logps.pt")
+    data = build(OmegaConf.load(run_dir / "config.yaml").data, "data")
+    loaded = load_model(logs / "causal_lm" / "whole" / "checkpoints" / "last.ckpt")
+    dm = DPODataModule(data, loaded.tokenizer, settings=loaded.tokenizer_settings)
+    dm.setup()
+    for split in ("train", "val"):
+        batch = collate(dm.sets[split], dm.pad_id)
+        with torch.no_grad():
+            chosen, rejected = pair_logps(loaded.model.eval(), batch)
+        want = torch.stack([chosen, rejected], 1)
+        assert cache[split].shape == want.shape
+        torch.testing.assert_close(cache[split], want, rtol=0, atol=1e-4)
+
+
 # In-process runs of gpt-nano on the tiny corpus (conftest's train_cfg).
 def tiny(train_cfg, *overrides: str):
     return train_cfg(

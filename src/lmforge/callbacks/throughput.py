@@ -116,12 +116,17 @@ class Throughput(L.Callback):
             self.wait += now - self.last_end
         if self.t0 is None and trainer.global_step >= self.warmup:
             self.t0 = now
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        # A dict's sequences: input_ids, or a preference pair's chosen_ and rejected_input_ids.
+        seqs = (
+            [v for k, v in batch.items() if k.endswith("input_ids")]
+            if isinstance(batch, dict)
+            else [batch[0]]
+        )
         if self.t0 is not None:
-            self.tokens += ids.numel()
-            self.samples += ids.size(0)
+            self.tokens += sum(ids.numel() for ids in seqs)
+            self.samples += sum(ids.size(0) for ids in seqs)
             if not self.flops_per_token:
-                self.flops_per_token = self._flops_per_token(pl_module, ids.size(1))
+                self.flops_per_token = self._flops_per_token(pl_module, seqs[0].size(1))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.last_end = time.perf_counter()

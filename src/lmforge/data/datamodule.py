@@ -159,6 +159,20 @@ class GlobalBatches(torch.utils.data.Sampler):
         self.n, self.batch_size, self.generator = n, batch_size, generator
         self.rank, self.world_size, self.weights = rank, world_size, weights
         self.weights_generator = torch.Generator().manual_seed(seed)
+        self.skip = 0  # batches of the next pass already trained on (a resumed run)
+
+    def resume(self, epochs: int, batches: int) -> None:
+        """Continue a run that trained ``epochs`` whole passes and ``batches`` batches of the
+        next: the generators move past what those passes drew (the loader's base seed, then
+        this sampler's draws) and the next pass starts at its batch ``batches``."""
+        for _ in range(epochs):
+            torch.empty((), dtype=torch.int64).random_(generator=self.generator)  # base seed
+            if self.weights is not None:
+                torch.multinomial(self.weights, self.n, True, generator=self.weights_generator)
+            else:
+                torch.randperm(self.n, generator=self.generator)
+                torch.randperm(self.n, generator=self.generator)
+        self.skip = batches
 
     def __len__(self) -> int:
         return -(-self.n // (self.batch_size * self.world_size))
@@ -170,7 +184,8 @@ class GlobalBatches(torch.utils.data.Sampler):
             order = torch.randperm(self.n, generator=self.generator)
             torch.randperm(self.n, generator=self.generator)  # RandomSampler's unused second draw
         per, b = self.batch_size * self.world_size, self.batch_size
-        for start in range(0, self.n, per):
+        skip, self.skip = self.skip, 0
+        for start in range(skip * per, self.n, per):
             rows = order[start : start + per][self.rank * b : (self.rank + 1) * b].tolist()
             yield rows or [-1]
 
@@ -205,6 +220,9 @@ class ExamplesDataModule(L.LightningDataModule):
         batches = GlobalBatches(
             len(data), self.config.batch_size, generator, rank, world, weights, self.seed
         )
+        if self.trainer is not None and self.trainer.global_step > 0:  # a resumed run: where it was
+            done = self.trainer.fit_loop.epoch_loop.batch_progress.current.processed
+            batches.resume(self.trainer.current_epoch, done)
         return DataLoader(
             WithBlanks(data),
             batch_sampler=batches,
@@ -346,3 +364,51 @@ class InstructionDataModule(ExamplesDataModule):
         from lmforge.data.instructions import pad_batch
 
         return self._eval_loader(self.sets["val"], functools.partial(pad_batch, pad_id=self.pad_id))
+
+
+class PreferenceDataModule(ExamplesDataModule):
+    """Preference pairs (``data/preferences.py``) tokenized with the model's tokenizer
+    (``settings``: its ``tokenizer_config.json``, or ``preferences.frame_settings``; None: GPT-2's
+    conventions): batches of ``pad_pairs``. Training batches follow one seeded global order
+    split over the ranks (``GlobalBatches``); each validation and test pair is on one rank."""
+
+    def __init__(self, config, tokenizer, seed: int = 1337, settings=None) -> None:
+        from lmforge.data.instructions import Framing
+
+        super().__init__()
+        self.config, self.tokenizer, self.seed = config, tokenizer, seed
+        self.framing = Framing(tokenizer, config, settings)
+        self.tokenizer_settings = self.framing.used_settings  # kept in checkpoints
+        self.pad_id = self.framing.pad_id
+        self.sets: dict = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        from lmforge.data.preferences import encode_pairs, read_pairs
+
+        if self.sets:
+            return
+        c = self.config
+        files = {"train": c.train, "val": c.val} | ({"test": c.test} if c.test else {})
+        for split, path in files.items():
+            pairs, counts = encode_pairs(read_pairs(path), self.framing, c, str(path))
+            done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+            rank_zero_info(
+                f"{split}: {len(pairs)} preference pairs" + (f" ({done})" if done else "")
+            )
+            self.sets[split] = pairs
+
+    def _collate(self):
+        from lmforge.data.preferences import pad_pairs
+
+        return functools.partial(pad_pairs, pad_id=self.pad_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._train_loader(self.sets["train"], self._collate())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.sets["val"], self._collate())
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.sets:
+            raise LMForgeError("no test split: set data.test")
+        return self._eval_loader(self.sets["test"], self._collate())

@@ -4,7 +4,8 @@
 ``nn.Linear`` by a ``LoRALinear``: the frozen base layer plus ``B @ A`` scaled by alpha / rank,
 with ``B`` zero at the start so the adapted model begins exactly where the base model was.
 ``merge_lora(model)`` folds the adapters into the base weights and puts plain ``nn.Linear`` back,
-for export.
+for export. ``adapters_off(model)`` runs the base model without a second copy of it (a DPO
+reference).
 
 Why not ``peft``: it would bring transformers and accelerate into the core install, and its
 adapters rename the wrapped weights (``...qkv.base_layer.weight``), so checkpoints of adapted
@@ -15,7 +16,8 @@ own names (``qkv.weight``) and merge exactly.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -46,6 +48,8 @@ class LoRAConfig:
 
 
 class LoRALinear(nn.Module):
+    enabled = True  # False: the base layer alone (``adapters_off``)
+
     def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0) -> None:
         super().__init__()
         self.weight, self.bias = base.weight, base.bias  # the base layer's own parameters
@@ -60,6 +64,8 @@ class LoRALinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = nn.functional.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return out
         return out + (self.dropout(x) @ self.lora_a.t() @ self.lora_b.t()) * self.scale
 
     def merged(self) -> nn.Linear:
@@ -92,6 +98,21 @@ def add_lora(
                 setattr(module, child_name, LoRALinear(child, rank, alpha, dropout))
                 wrapped += 1
     return wrapped
+
+
+@contextmanager
+def adapters_off(model: nn.Module) -> Iterator[nn.Module]:
+    """``model`` computing with its base weights alone while the block runs: every adapter
+    skipped, then put back as it was (also when the block fails)."""
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    before = [m.enabled for m in layers]
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m, was in zip(layers, before, strict=True):
+            m.enabled = was
 
 
 def merge_lora(model: nn.Module) -> nn.Module:

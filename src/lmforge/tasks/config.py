@@ -16,6 +16,7 @@ from lmforge.data.classification import ClassificationDataConfig
 from lmforge.data.config import DataConfig
 from lmforge.data.instructions import InstructionDataConfig
 from lmforge.data.masking import MaskingConfig
+from lmforge.data.preferences import PreferenceDataConfig
 from lmforge.errors import LMForgeError
 from lmforge.models.lora import LoRAConfig
 from lmforge.tasks.optim import OptimConfig
@@ -24,6 +25,7 @@ DATA_KINDS = {  # what each data config holds, for messages
     DataConfig: "a prepared token set (data=shakespeare_char, gutenberg_bpe, corpus, ...)",
     ClassificationDataConfig: "labelled texts (data=sms_spam)",
     InstructionDataConfig: "instruction records (data=instructions)",
+    PreferenceDataConfig: "preference pairs (data=preferences)",
 }
 
 
@@ -141,3 +143,78 @@ class InstructionConfig(TaskConfig):
     module: ClassVar[str] = "lmforge.tasks.instruction.InstructionTask"
     data: ClassVar[type] = InstructionDataConfig
     pretrained: ClassVar[bool] = True
+
+
+@dataclass
+class RewardConfig(TaskConfig):
+    """A reward model: a scalar head on a pretrained GPT (last token) or BERT (pooled [CLS]),
+    trained on preference pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected
+    - margin)."""
+
+    name: str = "reward"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train_last_blocks: int | None = None  # train only the last k blocks (and the head); null: all
+    margin: float = 0.0  # added to each pair's own (a record's `margin`): r_c must beat r_r by it
+    module: ClassVar[str] = "lmforge.tasks.reward.RewardTask"
+    data: ClassVar[type] = PreferenceDataConfig
+    pretrained: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_last_blocks is not None and self.train_last_blocks < 0:
+            raise LMForgeError(
+                f"task.train_last_blocks must be >= 0 or null, got {self.train_last_blocks}"
+            )
+
+
+@dataclass
+class DPOConfig(TaskConfig):
+    """Direct preference optimisation of an instruction-tuned GPT (init_from) against a frozen
+    reference of it."""
+
+    name: str = "dpo"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    loss: str = "sigmoid"  # sigmoid (DPO) | ipo | hinge
+    beta: float = 0.1  # how far the policy may move from the reference (> 0)
+    label_smoothing: float = 0.0  # sigmoid only: the share of pairs taken as mislabelled (cDPO)
+    # copy: a frozen copy of init_from | adapters_off: the policy with its LoRA adapters off (no
+    # second model in memory; needs task.lora.rank > 0) | auto: adapters_off with LoRA, else copy
+    reference: str = "auto"
+    reference_from: str | None = None  # reference=copy: another checkpoint of the same model
+    precompute_reference: bool = False  # reference log-probs computed once, kept beside the run
+    module: ClassVar[str] = "lmforge.tasks.dpo.DPOTask"
+    data: ClassVar[type] = PreferenceDataConfig
+    pretrained: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.loss not in ("sigmoid", "ipo", "hinge"):
+            raise LMForgeError(f"task.loss={self.loss!r}: use sigmoid (DPO), ipo or hinge")
+        if not self.beta > 0:
+            raise LMForgeError(f"task.beta={self.beta}: use a positive number (0.1 is usual)")
+        if not 0 <= self.label_smoothing < 0.5:
+            raise LMForgeError(
+                f"task.label_smoothing={self.label_smoothing}: use a value in [0, 0.5)"
+            )
+        if self.label_smoothing and self.loss != "sigmoid":
+            raise LMForgeError(
+                f"task.label_smoothing={self.label_smoothing} applies to task.loss=sigmoid only:"
+                f" set task.label_smoothing=0 for task.loss={self.loss}"
+            )
+        if self.reference == "auto":
+            self.reference = "adapters_off" if self.lora.rank > 0 else "copy"
+        if self.reference not in ("copy", "adapters_off"):
+            raise LMForgeError(
+                f"task.reference={self.reference!r}: use copy, adapters_off (with task.lora.rank"
+                " > 0) or auto"
+            )
+        if self.reference == "adapters_off" and self.lora.rank == 0:
+            raise LMForgeError(
+                "task.reference=adapters_off needs LoRA adapters: set task.lora.rank (e.g. 8), or"
+                " use task.reference=copy"
+            )
+        if self.reference_from and self.reference != "copy":
+            raise LMForgeError(
+                f"task.reference_from={self.reference_from} is a separate model:"
+                " set task.reference=copy, or leave task.reference_from unset"
+            )
