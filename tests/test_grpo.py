@@ -81,6 +81,19 @@ def write_policy(root: Path) -> Path:
     return ckpt
 
 
+def write_reward_model(path: Path, tokenizer, model: dict) -> Path:
+    """A (random) reward model of task=reward's checkpoint format, reading ``tokenizer``."""
+    from lmforge.tasks.config import RewardConfig
+    from lmforge.tasks.reward import RewardTask
+
+    torch.manual_seed(1)
+    fields = model | {"vocab_size": tokenizer.get_vocab_size()}
+    task = RewardTask(fields, "gpt", tokenizer.token_to_id("<|endoftext|>"), RewardConfig())
+    state = {"hyper_parameters": dict(task.hparams), "state_dict": task.state_dict()}
+    torch.save(state | {"tokenizer": tokenizer.to_str()}, path)
+    return path
+
+
 def grpo_overrides(root: Path) -> list[str]:
     return [
         "task=grpo",
@@ -130,16 +143,16 @@ def test_rollouts_are_deterministic_given_seed_and_step(tmp_path):
 
 
 def test_a_tiny_run_learns_a_trivial_reward(tmp_path):
-    """count_a: greedy responses on held-out prompts hold more "a" after 40 steps."""
+    """count_a: greedy responses on held-out prompts hold more "a" after 25 steps."""
     cfg = compose_train(
         [
             *grpo_overrides(tmp_path),
-            "logger=csv",
-            "task.optim.lr=3e-3",
+            "logger=default",  # CSV and W&B (offline)
+            "task.optim.lr=5e-3",
             "task.optim.warmup_steps=0",
             "task.beta=0.0",
-            "trainer.max_steps=40",
-            "trainer.val_check_interval=40",
+            "trainer.max_steps=25",
+            "trainer.val_check_interval=25",
             "trainer.log_every_n_steps=1",
             "callbacks.progress_bar=null",
         ],
@@ -152,9 +165,30 @@ def test_a_tiny_run_learns_a_trivial_reward(tmp_path):
         rows = list(csv.DictReader(f))
     val = [float(r["val/reward"]) for r in rows if r.get("val/reward")]
     kl = [r for r in rows if r.get("train/kl")]
-    assert len(val) == 2 and val[1] > val[0] + 0.3, val  # step 0 (the start) and step 40
-    assert len(kl) == 40  # KL to the reference logged at every logging step
+    assert len(val) == 2 and val[1] > val[0] + 0.3, val  # step 0 (the start) and step 25
+    assert len(kl) == 25  # KL to the reference logged at every logging step
     assert metrics["val/reward"] == pytest.approx(val[1])
+    # The W&B table of sampled responses: (step, prompt, response, reward) rows.
+    tables = sorted(tmp_path.glob("run/wandb/offline-run-*/files/media/table/samples_*.table.json"))
+    table = json.loads(tables[-1].read_text())
+    assert table["columns"] == ["step", "prompt", "response", "reward"]
+    assert {row[0] for row in table["data"]} == set(range(25))  # 4 rows per step
+    assert all(row[3] == pytest.approx(count_a([], [row[2]], [{}])[0]) for row in table["data"])
+
+
+def test_a_reward_model_scores_the_rollouts(tmp_path):
+    """task.reward_model: a checkpoint of task=reward with the policy's tokenizer trains (two
+    steps) and reports val/reward; one with another tokenizer is refused in one line."""
+    same = train_tokenizer([ALPHABET], TokenizerConfig(kind="char"))
+    other = train_tokenizer([ALPHABET.upper()], TokenizerConfig(kind="char"))
+    common = [*grpo_overrides(tmp_path), "task.reward=null", "trainer.max_steps=2"]
+    common += ["trainer.val_check_interval=2"]
+    rm = write_reward_model(tmp_path / "rm.ckpt", same, MODEL)
+    metrics = train(compose_train([*common, f"task.reward_model={rm}"], tmp_path))
+    assert math.isfinite(metrics["val/reward"])
+    bad = write_reward_model(tmp_path / "other.ckpt", other, MODEL)
+    with pytest.raises(LMForgeError, match=r"task.reward_model=.*other.ckpt: the reward model's"):
+        train(compose_train([*common, f"task.reward_model={bad}"], tmp_path / "b"))
 
 
 @pytest.mark.parametrize(
@@ -183,8 +217,9 @@ def test_killed_grpo_run_resumes_bitwise(tmp_path):
     common = [
         *grpo_overrides(tmp_path),
         "task.iterations=3",
-        "task.optim.lr=3e-3",
+        "task.optim.lr=5e-3",
         "callbacks.periodic_checkpoint.every_n_train_steps=5",
+        "trainer.max_steps=30",
     ]
     train_run(tmp_path, "whole", *SETTINGS, *common)
     runs = tmp_path / "grpo"
@@ -192,4 +227,4 @@ def test_killed_grpo_run_resumes_bitwise(tmp_path):
         command(tmp_path, "killed", *common), runs / "killed", signal.SIGKILL, random.Random(16)
     )
     proc = ok(run(command(tmp_path, "killed", *common, "resume=auto")))
-    assert_same_run(runs / "killed", runs / "whole", proc)
+    assert_same_run(runs / "killed", runs / "whole", proc, steps=30)

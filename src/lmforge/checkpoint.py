@@ -307,6 +307,11 @@ def _load_ours(path: Path) -> Loaded:
         raise LMForgeError(f"{path} is not a checkpoint of lmforge-train (no model config)")
     if "labels" in hparams:
         raise LMForgeError(f"checkpoint {path} is a classifier, not a language model")
+    if hparams.get("reward"):
+        raise LMForgeError(
+            f"checkpoint {path} is a reward model, not a language model: score texts with"
+            " lmforge-score, or start a fine-tune from the checkpoint it was trained from"
+        )
     try:
         fam = get_family(checkpoint_family(hparams))
         model = fam.build(fam.config(**hparams["model"]))
@@ -341,3 +346,48 @@ def _load_ours(path: Path) -> Loaded:
         else f"{path} (no tokenizer_config.json)",
     )
     return Loaded(model.eval(), tokenizer, fam, ours=True, tokenizer_settings=settings)
+
+
+def is_reward_model(source: str | Path) -> bool:
+    """Whether ``source`` is a reward-model checkpoint of lmforge-train (task=reward)."""
+    path = Path(source)
+    if not (path.is_file() or (path.is_dir() and not (path / "config.json").is_file())):
+        return False
+    return bool(load_checkpoint(path).get("hyper_parameters", {}).get("reward"))
+
+
+def load_reward_model(source: str | Path, device: str | torch.device = "cpu"):
+    """The reward model of a checkpoint of lmforge-train (task=reward), in eval mode on
+    ``device``, adapters merged: a ``models.reward.RewardModel`` with its ``tokenizer``,
+    ``family`` and ``pad_id``; ``score(prompt_ids, response_ids)`` rewards token ids."""
+    from lmforge.models.reward import RewardModel
+
+    path = Path(source)
+    ckpt = load_checkpoint(path)
+    hparams = ckpt.get("hyper_parameters", {})
+    if not hparams.get("reward"):
+        raise LMForgeError(
+            f"{path} is not a reward model: train one with lmforge-train experiment=rm_gpt"
+            " (task=reward), or pass its checkpoint"
+        )
+    fam = get_family(checkpoint_family(hparams))
+    backbone = fam.build(fam.config(**hparams["model"]))
+    backbone.remove_lm_head()
+    rm = RewardModel(backbone, hparams["pad_id"], fam.causal)
+    state = {k: v for k, v in ckpt["state_dict"].items() if k.startswith(("model.", "head."))}
+    state = {("backbone." + k[6:] if k.startswith("model.") else k): v for k, v in state.items()}
+    lora = (hparams.get("task") or {}).get("lora") or {}
+    if lora.get("rank"):  # adapters folded into the weights
+        from lmforge.models.lora import add_lora, merge_lora
+
+        add_lora(backbone, lora["targets"], lora["rank"], lora["alpha"])
+        rm.load_state_dict(state)
+        merge_lora(backbone)
+    else:
+        rm.load_state_dict(state)
+    rm.tokenizer = Tokenizer.from_str(ckpt["tokenizer"]) if "tokenizer" in ckpt else None
+    rm.family = fam
+    rm.tokenizer_settings = TokenizerSettings.from_dict(
+        ckpt.get("tokenizer_config") or {}, f"{path} (the tokenizer_config.json it carries)"
+    )
+    return rm.requires_grad_(False).eval().to(device)

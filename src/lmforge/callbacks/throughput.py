@@ -111,19 +111,24 @@ class Throughput(L.Callback):
         self.steps = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        if isinstance(batch, dict) and "input_ids" not in batch:
+        if isinstance(batch, dict) and not any(k.endswith("input_ids") for k in batch):
             return  # prompts (task=grpo): the tokens are sampled in the step, not measured here
         now = time.perf_counter()
         if self.last_end is not None and self.t0 is not None:
             self.wait += now - self.last_end
         if self.t0 is None and trainer.global_step >= self.warmup:
             self.t0 = now
-        ids = batch["input_ids"] if isinstance(batch, dict) else batch[0]
+        # A dict's sequences: input_ids, or a preference pair's chosen_ and rejected_input_ids.
+        seqs = (
+            [v for k, v in batch.items() if k.endswith("input_ids")]
+            if isinstance(batch, dict)
+            else [batch[0]]
+        )
         if self.t0 is not None:
-            self.tokens += ids.numel()
-            self.samples += ids.size(0)
+            self.tokens += sum(ids.numel() for ids in seqs)
+            self.samples += sum(ids.size(0) for ids in seqs)
             if not self.flops_per_token:
-                self.flops_per_token = self._flops_per_token(pl_module, ids.size(1))
+                self.flops_per_token = self._flops_per_token(pl_module, seqs[0].size(1))
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         self.last_end = time.perf_counter()

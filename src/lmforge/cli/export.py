@@ -4,7 +4,8 @@
     python -c "import transformers; transformers.GPT2LMHeadModel.from_pretrained('exports/my-gpt')"
 
 GPT checkpoints become ``GPT2LMHeadModel`` directories, BERT (masked-LM) checkpoints
-``BertForMaskedLM`` ones, with the pooler that ``BertModel`` loads: ``config.json``,
+``BertForMaskedLM`` ones, with the pooler that ``BertModel`` loads; reward models (task=reward)
+``GPT2ForSequenceClassification`` / ``BertForSequenceClassification`` with ``num_labels=1``: ``config.json``,
 ``model.safetensors``, ``tokenizer.json`` and ``tokenizer_config.json``
 (``PreTrainedTokenizerFast.from_pretrained`` reads them). Options
 that the transformers class cannot express (rotary positions, a pre-LayerNorm BERT) are
@@ -21,9 +22,11 @@ from lmforge.cli import reports_errors
 
 def export(checkpoint: str, out: str) -> str:
     """Write ``checkpoint`` as a transformers directory of its family (recorded in it)."""
-    from lmforge.checkpoint import load_model
+    from lmforge.checkpoint import is_reward_model, load_model, load_reward_model
     from lmforge.data.chat import add_to_tokenizer_config
 
+    if is_reward_model(checkpoint):  # a *ForSequenceClassification with one label
+        return str(load_reward_model(checkpoint).export_hf(out))
     loaded = load_model(checkpoint)
     written = loaded.family.export_hf(loaded.model, out, loaded.tokenizer)
     if loaded.tokenizer is not None:  # the chat template an instruction tune rendered with

@@ -350,6 +350,54 @@ class InstructionDataModule(ExamplesDataModule):
         return self._eval_loader(self.sets["val"], functools.partial(pad_batch, pad_id=self.pad_id))
 
 
+class PreferenceDataModule(ExamplesDataModule):
+    """Preference pairs (``data/preferences.py``) tokenized with the model's tokenizer
+    (``settings``: its ``tokenizer_config.json``, or ``preferences.frame_settings``; None: GPT-2's
+    conventions): batches of ``pad_pairs``. Training batches follow one seeded global order
+    split over the ranks (``GlobalBatches``); each validation and test pair is on one rank."""
+
+    def __init__(self, config, tokenizer, seed: int = 1337, settings=None) -> None:
+        from lmforge.data.instructions import Framing
+
+        super().__init__()
+        self.config, self.tokenizer, self.seed = config, tokenizer, seed
+        self.framing = Framing(tokenizer, config, settings)
+        self.tokenizer_settings = self.framing.used_settings  # kept in checkpoints
+        self.pad_id = self.framing.pad_id
+        self.sets: dict = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        from lmforge.data.preferences import encode_pairs, read_pairs
+
+        if self.sets:
+            return
+        c = self.config
+        files = {"train": c.train, "val": c.val} | ({"test": c.test} if c.test else {})
+        for split, path in files.items():
+            pairs, counts = encode_pairs(read_pairs(path), self.framing, c, str(path))
+            done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+            rank_zero_info(
+                f"{split}: {len(pairs)} preference pairs" + (f" ({done})" if done else "")
+            )
+            self.sets[split] = pairs
+
+    def _collate(self):
+        from lmforge.data.preferences import pad_pairs
+
+        return functools.partial(pad_pairs, pad_id=self.pad_id)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._train_loader(self.sets["train"], self._collate())
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.sets["val"], self._collate())
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.sets:
+            raise LMForgeError("no test split: set data.test")
+        return self._eval_loader(self.sets["test"], self._collate())
+
+
 class PromptDataModule(L.LightningDataModule):
     """Training prompts as ``PromptBatches``, held-out prompts as index batches (each on one
     rank). ``block_size``: the policy's context; ``iterations``: optimizer steps per rollout."""

@@ -196,7 +196,10 @@ class RankShard(Dataset):
 
 def blank(sample):
     """``sample`` with every target ignored (-100): a dict's ``labels``, or the target of an
-    (input, target) pair, a tensor, a list of token labels or a class index."""
+    (input, target) pair, a tensor, a list of token labels or a class index; an object with a
+    ``blank`` method (a preference pair) makes its own."""
+    if hasattr(sample, "blank"):
+        return sample.blank()
     if isinstance(sample, dict):
         return sample | {"labels": torch.full_like(sample["labels"], -100)}
     x, y = sample

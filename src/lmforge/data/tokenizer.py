@@ -190,3 +190,24 @@ def special_ids(tok: Tokenizer) -> dict[str, int]:
     """The special (added) tokens of ``tok`` and their ids."""
     added = json.loads(tok.to_str()).get("added_tokens", [])
     return {t["content"]: t["id"] for t in added if t.get("special")}
+
+
+def check_same_tokenizer(policy: Tokenizer, reward: Tokenizer, where: str) -> None:
+    """Refuse a reward model whose tokenizer is not the policy's: it would score token ids that
+    mean other text to it. Same vocabulary (ids and added tokens) and same split of a probe."""
+    a, b = policy.get_vocab(with_added_tokens=True), reward.get_vocab(with_added_tokens=True)
+    probe = "The quick brown fox, 1234 times: <|endoftext|> naïve café\n\tdone."
+    if len(a) != len(b):
+        why = f"a vocabulary of {len(b):,} tokens, the policy's {len(a):,}"
+    elif a != b:
+        differ = sum(b.get(t) != i for t, i in a.items())
+        why = f"{differ:,} of its {len(a):,} tokens have other ids"
+    elif policy.encode(probe).ids != reward.encode(probe).ids:
+        why = "the same vocabulary, but it splits text differently"
+    else:
+        return
+    raise LMForgeError(
+        f"{where}: the reward model's tokenizer is not the policy's ({why}): it would score ids"
+        " that mean other text to it; use a reward model trained from a checkpoint with the"
+        " policy's tokenizer (lmforge-train experiment=rm_gpt init_from=<the policy's checkpoint>)"
+    )

@@ -161,14 +161,19 @@ def load_hf_bert(path: str | Path) -> Bert:
     return model.eval()
 
 
-def export_hf_bert(model: Bert, out: str | Path, tokenizer=None) -> Path:
+def export_hf_bert(
+    model: Bert, out: str | Path, tokenizer=None, score=None, pad_id: int | None = None
+) -> Path:
     """Write ``model`` as a transformers BertForMaskedLM directory (safetensors, config,
     tokenizer), its pooler under ``bert.pooler.dense``, where BertModel and
     BertForSequenceClassification load it (BertForMaskedLM has none and ignores it). Parts that
     were newly initialised on import (``model.untrained``) are left out: a model without a
-    trained MLM head is written as a BertModel."""
+    trained MLM head is written as a BertModel. With ``score`` (a (1, n_embd) head on the pooled
+    [CLS]: a reward model), a BertForSequenceClassification with one label (a zero bias)."""
     c = model.config
     untrained = getattr(model, "untrained", set())
+    if score is not None:
+        untrained = {"mlm_head"}  # a reward model has none; its pooler was trained
     sd = model.state_dict()
     state = {theirs: sd[ours] for ours, theirs in _pairs(c) if ours.split(".")[0] not in untrained}
     state["bert.embeddings.word_embeddings.weight"] = sd["tok_emb.weight"][: c.vocab_size]
@@ -182,8 +187,13 @@ def export_hf_bert(model: Bert, out: str | Path, tokenizer=None) -> Path:
             sd[f"blocks.{i}.attn.qkv.bias"].chunk(3),
         ):
             state[f"{p}{n}.weight"], state[f"{p}{n}.bias"] = w, b
-    architecture = "BertForMaskedLM"
-    if "mlm_head" in untrained:  # BertModel's own names, without the "bert." prefix
+    architecture, labels = "BertForMaskedLM", {}
+    if score is not None:
+        architecture = "BertForSequenceClassification"
+        state["classifier.weight"] = score.reshape(1, c.n_embd)
+        state["classifier.bias"] = score.new_zeros(1)
+        labels = {"id2label": {"0": "LABEL_0"}, "label2id": {"LABEL_0": 0}}
+    elif "mlm_head" in untrained:  # BertModel's own names, without the "bert." prefix
         architecture = "BertModel"
         state = {k.removeprefix("bert."): v for k, v in state.items()}
     tok_cfg = {
@@ -195,4 +205,4 @@ def export_hf_bert(model: Bert, out: str | Path, tokenizer=None) -> Path:
         "mask_token": "[MASK]",
         "unk_token": "[UNK]",
     }
-    return write_hf_dir(out, config_to_hf(c, architecture), state, tokenizer, tok_cfg)
+    return write_hf_dir(out, config_to_hf(c, architecture) | labels, state, tokenizer, tok_cfg)

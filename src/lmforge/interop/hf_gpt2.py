@@ -146,12 +146,27 @@ def load_hf_gpt2(path: str | Path) -> GPT:
         raise LMForgeError(f"{path} is not a complete GPT-2 checkpoint (no {e})") from None
 
 
-def export_hf_gpt2(model: GPT, out: str | Path, tokenizer=None) -> Path:
+def export_hf_gpt2(
+    model: GPT,
+    out: str | Path,
+    tokenizer=None,
+    score: torch.Tensor | None = None,
+    pad_id: int | None = None,
+) -> Path:
     """Write ``model`` as a transformers GPT2LMHeadModel directory (safetensors, config,
-    tokenizer.json); refuses options GPT-2 has no equivalent for."""
+    tokenizer.json); refuses options GPT-2 has no equivalent for. With ``score`` (a (1, n_embd)
+    head: a reward model), a GPT2ForSequenceClassification with one label, scoring the last
+    token that is not ``pad_id``."""
     c = model.config
     hf_config = config_to_hf(c)
     sd = model.state_dict()
+    if score is not None:
+        hf_config |= {
+            "architectures": ["GPT2ForSequenceClassification"],
+            "id2label": {"0": "LABEL_0"},
+            "label2id": {"LABEL_0": 0},
+            "pad_token_id": pad_id,
+        }
     state = {
         "transformer.wte.weight": sd["tok_emb.weight"][: c.vocab_size],
         "transformer.wpe.weight": sd["pos_emb.weight"],
@@ -162,7 +177,9 @@ def export_hf_gpt2(model: GPT, out: str | Path, tokenizer=None) -> Path:
         for a, b, transposed in BLOCK:
             t = sd[f"blocks.{i}.{a}"]
             state[f"transformer.h.{i}.{b}"] = t.t() if transposed else t
-    if not c.tie_weights:
+    if score is not None:
+        state["score.weight"] = score.reshape(1, c.n_embd)
+    elif not c.tie_weights:
         state["lm_head.weight"] = sd["lm_head.weight"][: c.vocab_size]
     tok_cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": c.block_size}
     if tokenizer is not None and tokenizer.token_to_id("<|endoftext|>") is not None:

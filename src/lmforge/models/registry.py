@@ -21,6 +21,7 @@ family's defaults), the GPT, and one adapter (``interop/hf_llama.py``).
 from __future__ import annotations
 
 import importlib
+import inspect
 from dataclasses import dataclass
 from typing import Any
 
@@ -74,8 +75,14 @@ class Family:
     def import_hf(self, path):
         return _resolve(self.hf_import)(path)
 
-    def export_hf(self, model, out, tokenizer=None):
-        return _resolve(self.hf_export)(model, out, tokenizer)
+    def export_hf(self, model, out, tokenizer=None, **head):
+        """Write ``model`` as a transformers directory; ``head`` (``score``: a (1, C) scalar
+        head, ``pad_id``) makes it a ``*ForSequenceClassification`` with one label, for an
+        adapter that takes them."""
+        export = _resolve(self.hf_export)
+        if head and "score" not in inspect.signature(export).parameters:
+            raise ValueError(f"the {self.name} family exports no sequence-classification head")
+        return export(model, out, tokenizer, **head)
 
 
 def _resolve(ref: str):

@@ -16,6 +16,7 @@ from lmforge.data.classification import ClassificationDataConfig
 from lmforge.data.config import DataConfig
 from lmforge.data.instructions import InstructionDataConfig
 from lmforge.data.masking import MaskingConfig
+from lmforge.data.preferences import PreferenceDataConfig
 from lmforge.data.prompts import PromptDataConfig
 from lmforge.errors import LMForgeError
 from lmforge.models.lora import LoRAConfig
@@ -25,6 +26,7 @@ DATA_KINDS = {  # what each data config holds, for messages
     DataConfig: "a prepared token set (data=shakespeare_char, gutenberg_bpe, corpus, ...)",
     ClassificationDataConfig: "labelled texts (data=sms_spam)",
     InstructionDataConfig: "instruction records (data=instructions)",
+    PreferenceDataConfig: "preference pairs (data=preferences)",
     PromptDataConfig: "prompt records (data=prompts)",
 }
 
@@ -146,6 +148,28 @@ class InstructionConfig(TaskConfig):
 
 
 @dataclass
+class RewardConfig(TaskConfig):
+    """A reward model: a scalar head on a pretrained GPT (last token) or BERT (pooled [CLS]),
+    trained on preference pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected
+    - margin)."""
+
+    name: str = "reward"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    train_last_blocks: int | None = None  # train only the last k blocks (and the head); null: all
+    margin: float = 0.0  # added to each pair's own (a record's `margin`): r_c must beat r_r by it
+    module: ClassVar[str] = "lmforge.tasks.reward.RewardTask"
+    data: ClassVar[type] = PreferenceDataConfig
+    pretrained: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.train_last_blocks is not None and self.train_last_blocks < 0:
+            raise LMForgeError(
+                f"task.train_last_blocks must be >= 0 or null, got {self.train_last_blocks}"
+            )
+
+
+@dataclass
 class GRPOConfig(TaskConfig):
     """Online RL of a pretrained causal LM with group-relative advantages (GRPO): each prompt's
     ``group_size`` sampled responses are scored, and each response's advantage is its reward
@@ -162,7 +186,7 @@ class GRPOConfig(TaskConfig):
     clip_eps: float = 0.2  # the ratio to the rollout policy is clipped to [1 - eps, 1 + eps]
     iterations: int = 1  # optimizer steps on each rollout batch (1: ratio 1, no clipping)
     reward: str | None = None  # a Python function module.fn(prompts, responses, records)
-    reward_model: str | None = None  # or a reward model's checkpoint (lmforge.tasks.reward)
+    reward_model: str | None = None  # or a reward model: a checkpoint of task=reward
     reference: str = "copy"  # copy: a frozen copy of init_from | adapters_off: LoRA disabled
     table_rows: int = 4  # sampled responses per logging step kept for the W&B table
     module: ClassVar[str] = "lmforge.tasks.grpo.GRPOTask"

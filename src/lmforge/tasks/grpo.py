@@ -174,12 +174,20 @@ class GRPOTask(LMTask):
         if task.reference == "copy":
             object.__setattr__(module, "_reference", loaded.model.eval().requires_grad_(False))
         if task.reward_model is not None:
-            from lmforge.tasks.reward import check_same_tokenizer, load_reward_model
+            from lmforge.checkpoint import load_reward_model
+            from lmforge.data.tokenizer import check_same_tokenizer
 
+            where = f"task.reward_model={task.reward_model}"
             rm = load_reward_model(task.reward_model, "cpu")
-            check_same_tokenizer(
-                loaded.tokenizer, rm.tokenizer, f"task.reward_model={task.reward_model}"
-            )
+            if rm.tokenizer is None:
+                raise LMForgeError(f"{where} carries no tokenizer: use a checkpoint of task=reward")
+            check_same_tokenizer(loaded.tokenizer, rm.tokenizer, where)
+            if rm.backbone.config.block_size < config.block_size:
+                raise LMForgeError(
+                    f"{where} reads {rm.backbone.config.block_size} tokens, fewer than the"
+                    f" policy's context of {config.block_size}: use a reward model of the"
+                    " policy's context (trained from init_from's model)"
+                )
             object.__setattr__(module, "_reward_model", rm)
         rank_zero_info(
             f"GRPO: {module.trained_share()}; {task.group_size} responses per prompt, reward"
@@ -238,12 +246,11 @@ class GRPOTask(LMTask):
 
     def score(self, prompts: list, responses: list[list[int]], n: int) -> torch.Tensor:
         """The reward of each response (prompt i's n responses at i*n ...), on the CPU."""
-        bodies = [r[:-1] if r and r[-1] in self.stop_ids else r for r in responses]
         expanded = [p for p in prompts for _ in range(n)]
-        if self._reward_model is not None:
+        if self._reward_model is not None:  # the response with its EOS, as it was trained on
             self._place()
-            scores = self._reward_model.score([p.ids for p in expanded], bodies)
-            return scores.detach().float().cpu()
+            return self._reward_model.score([p.ids for p in expanded], responses).float().cpu()
+        bodies = [r[:-1] if r and r[-1] in self.stop_ids else r for r in responses]
         texts = [self.tokenizer.decode(b) for b in bodies]
         return call_reward(
             self._reward_fn,
