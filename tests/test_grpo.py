@@ -19,7 +19,7 @@ from lmforge.data.tokenizer import TokenizerConfig, train_tokenizer
 from lmforge.errors import LMForgeError
 from lmforge.models.gpt import GPT, GPTConfig
 from lmforge.tasks.config import GRPOConfig
-from lmforge.tasks.grpo import GRPOTask, group_advantages, grpo_loss
+from lmforge.tasks.grpo import GRPOTask, group_advantages, grpo_loss, token_logprobs
 
 from .conftest import compose_train, train_run
 
@@ -144,6 +144,27 @@ def test_rollouts_are_deterministic_given_seed_and_step(tmp_path):
     assert len(first.rows) == module.task.table_rows
     for prompt, response, reward in first.rows:
         assert prompt == "say=" and reward == pytest.approx(count_a([], [response], [{}])[0])
+
+
+def test_adapters_off_reference_is_the_base_model(tmp_path):
+    """reference=adapters_off: the reference log-probabilities are the policy's without its
+    LoRA adapters (the base weights), whatever the adapters have learnt."""
+    from lmforge.models.lora import LoRAConfig, LoRALinear
+
+    module = tiny_task(tmp_path, lora=LoRAConfig(rank=4), reference="adapters_off")
+    object.__setattr__(module, "_reference", None)
+    base = GPT(GPTConfig(**MODEL)).eval()
+    state = {k: v for k, v in module.model.state_dict().items() if "lora_" not in k}
+    base.load_state_dict(state)
+    with torch.no_grad():
+        for m in module.model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_b.normal_(0, 0.5)  # as if trained
+    ro = module.rollout([0, 1, 2, 3], rollout=0, micro=0)
+    with torch.no_grad():
+        want, _ = token_logprobs(base, ro.input_ids, ro.mask)
+    torch.testing.assert_close(ro.ref_logp, want)
+    assert not torch.allclose(ro.old_logp, want)  # the policy itself is not the base
 
 
 def test_a_tiny_run_learns_a_trivial_reward(tmp_path):
