@@ -131,6 +131,7 @@ def test_truncation_keeps_the_prompts_end_and_the_responses_start(tok):
             {"prompt": "x", "chosen": " ", "rejected": "a"},
             "record 1 has an empty 'chosen' response",
         ),
+        ({"chosen": "Q: a", "rejected": "Q: a"}, "record 1: 'chosen' and 'rejected' are the same"),
         (
             {"prompt": "word " * 80, "chosen": "a", "rejected": "b"},
             "record 1: its prompt alone has",

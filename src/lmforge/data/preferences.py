@@ -180,8 +180,6 @@ def _shared_text(chosen: str, rejected: str) -> int:
         if a != b:
             break
         k += 1
-    if k == min(len(chosen), len(rejected)) and len(chosen) == len(rejected):
-        return k  # identical: refused by the caller
     while k > 0 and not chosen[k - 1].isspace():
         k -= 1
     while k > 0 and chosen[k - 1] == " ":  # the space goes with the response's first word
@@ -213,9 +211,11 @@ def split_pair(record: dict, fmt: str, n: int, where: str):
                 " all message lists"
             )
         return prompt, chosen, rejected
+    if chosen == rejected:  # implicit: nothing differs (refused by the caller)
+        return chosen[:0], chosen, rejected
     if isinstance(chosen, str):  # implicit: the shared beginning is the prompt
         k = _shared_text(chosen, rejected)
-        if k == 0 and chosen != rejected:
+        if k == 0:
             raise LMForgeError(
                 f"{where} record {n}: 'chosen' and 'rejected' share no prompt (the implicit form"
                 " takes the prompt from their common start): give a 'prompt' (explicit form)"
