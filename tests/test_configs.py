@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from lmforge.cli.train import train, validate
 from lmforge.config import CONF_DIR
@@ -39,6 +40,12 @@ FINE_TUNE = {
     "instruction": ["task=instruction", "data=instructions", "model=pretrained"],
     "reward": ["task=reward", "data=preferences", "model=pretrained"],
     "dpo": ["task=dpo", "data=preferences", "model=pretrained"],
+    "grpo": [
+        "task=grpo",
+        "data=prompts",
+        "model=pretrained",
+        "task.reward=lmforge.rewards.exact_match",
+    ],
 }
 COMPANIONS = {
     ("model", "pretrained"): FINE_TUNE["classification"],
@@ -50,6 +57,8 @@ COMPANIONS = {
     ("data", "preferences"): FINE_TUNE["reward"],
     ("task", "reward"): FINE_TUNE["reward"],
     ("task", "dpo"): FINE_TUNE["dpo"],
+    ("data", "prompts"): FINE_TUNE["grpo"],
+    ("task", "grpo"): FINE_TUNE["grpo"],
 }
 
 
@@ -111,6 +120,20 @@ def pretrained_checkpoint(family: str, root: Path) -> Path:
 @pytest.mark.parametrize("experiment", options("experiment"))
 def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_factory):
     data_root = tmp_path_factory.getbasetemp() / "experiment-data"
+    if experiment.startswith("grpo_"):  # from a pretrained causal LM; grpo_gpt a reward model
+        from .test_grpo import write_reward_model
+
+        ckpt = pretrained_checkpoint("gpt", data_root / "pretrained")
+        overrides = [f"experiment={experiment}", "debug=fdr", f"init_from={ckpt}"]
+        overrides += ["task.max_new_tokens=4", "data.max_val_prompts=2"]
+        if experiment == "grpo_gpt":
+            saved = torch.load(ckpt, weights_only=True)
+            tok = Tokenizer.from_str(saved["tokenizer"])
+            rm = write_reward_model(tmp_path / "rm.ckpt", tok, saved["hyper_parameters"]["model"])
+            overrides += [f"task.reward_model={rm}"]
+        metrics = train(compose_train(overrides, tmp_path))
+        assert "val/reward" in metrics and "train/loss" in metrics
+        return
     if experiment.startswith(("finetune_", "instruct_", "rm_", "dpo_")):  # from a pretrained model
         family = "bert" if "_bert" in experiment else "gpt"
         ckpt = pretrained_checkpoint(family, data_root / "pretrained")

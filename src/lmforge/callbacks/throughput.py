@@ -111,6 +111,8 @@ class Throughput(L.Callback):
         self.steps = 0
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if isinstance(batch, dict) and not any(k.endswith("input_ids") for k in batch):
+            return  # prompts (task=grpo): the tokens are sampled in the step, not measured here
         now = time.perf_counter()
         if self.last_end is not None and self.t0 is not None:
             self.wait += now - self.last_end

@@ -27,8 +27,10 @@ from lmforge.data.datasets import (
     document_starts,
     open_split,
 )
+from lmforge.data.instructions import Framing, read_records
 from lmforge.data.masking import Masker, MaskingConfig
 from lmforge.data.prepare import prepare, read_meta
+from lmforge.data.prompts import PromptBatches, PromptDataConfig, PromptIndices, encode_prompts
 from lmforge.data.tokenizer import load_tokenizer
 from lmforge.errors import LMForgeError
 
@@ -412,3 +414,68 @@ class PreferenceDataModule(ExamplesDataModule):
         if "test" not in self.sets:
             raise LMForgeError("no test split: set data.test")
         return self._eval_loader(self.sets["test"], self._collate())
+
+
+class PromptDataModule(L.LightningDataModule):
+    """Training prompts as ``PromptBatches``, held-out prompts as index batches (each on one
+    rank). ``block_size``: the policy's context; ``iterations``: optimizer steps per rollout."""
+
+    def __init__(
+        self,
+        config: PromptDataConfig,
+        tokenizer,
+        block_size: int,
+        seed: int = 1337,
+        iterations: int = 1,
+        settings=None,
+    ) -> None:
+        super().__init__()
+        self.config, self.tokenizer, self.seed = config, tokenizer, seed
+        self.block_size, self.iterations = block_size, iterations
+        self.framing = Framing(tokenizer, config, settings)
+        self.tokenizer_settings = self.framing.used_settings  # kept in checkpoints
+        self.prompts: dict[str, list] = {}
+
+    def setup(self, stage: str | None = None) -> None:
+        if self.prompts:
+            return
+        c = self.config
+        for split, path in (("train", c.train), ("val", c.val)):
+            prompts, counts = encode_prompts(
+                read_records(path), self.framing, self.block_size, c.too_long, str(path)
+            )
+            if split == "val" and c.max_val_prompts:
+                prompts = prompts[: c.max_val_prompts]
+            done = ", ".join(f"{n} {what}" for what, n in sorted(counts.items()))
+            rank_zero_info(f"{split}: {len(prompts)} prompts" + (f" ({done})" if done else ""))
+            self.prompts[split] = prompts
+
+    def _rank(self) -> tuple[int, int]:
+        return (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+
+    def train_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer else 1
+        start = self.trainer.global_step * accumulate if self.trainer else 0
+        stream = PromptBatches(
+            len(self.prompts["train"]),
+            self.config.batch_size,
+            self.seed,
+            accumulate,
+            self.iterations,
+            rank,
+            world,
+            start_step=start,
+        )
+        return DataLoader(stream, batch_size=None, num_workers=self.config.num_workers)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world = self._rank()
+        data = PromptIndices(len(self.prompts["val"]))
+        if world > 1:
+            data = RankShard(data, rank, world)
+        return DataLoader(
+            data,
+            batch_size=self.config.val_batch_size or self.config.batch_size,
+            num_workers=self.config.num_workers,
+        )

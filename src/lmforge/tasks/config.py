@@ -17,6 +17,7 @@ from lmforge.data.config import DataConfig
 from lmforge.data.instructions import InstructionDataConfig
 from lmforge.data.masking import MaskingConfig
 from lmforge.data.preferences import PreferenceDataConfig
+from lmforge.data.prompts import PromptDataConfig
 from lmforge.errors import LMForgeError
 from lmforge.models.lora import LoRAConfig
 from lmforge.tasks.optim import OptimConfig
@@ -26,6 +27,7 @@ DATA_KINDS = {  # what each data config holds, for messages
     ClassificationDataConfig: "labelled texts (data=sms_spam)",
     InstructionDataConfig: "instruction records (data=instructions)",
     PreferenceDataConfig: "preference pairs (data=preferences)",
+    PromptDataConfig: "prompt records (data=prompts)",
 }
 
 
@@ -218,3 +220,67 @@ class DPOConfig(TaskConfig):
                 f"task.reference_from={self.reference_from} is a separate model:"
                 " set task.reference=copy, or leave task.reference_from unset"
             )
+
+
+@dataclass
+class GRPOConfig(TaskConfig):
+    """Online RL of a pretrained causal LM with group-relative advantages (GRPO): each prompt's
+    ``group_size`` sampled responses are scored, and each response's advantage is its reward
+    standardised within its group; no value model. The policy keeps close to a frozen
+    reference through a KL penalty (``beta``)."""
+
+    name: str = "grpo"
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    group_size: int = 8  # responses sampled per prompt (advantages are relative to the group)
+    max_new_tokens: int = 64  # longest response (sampled, and greedy at validation)
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    top_k: int | None = None  # sample among the k likeliest tokens; null: all
+    beta: float = 0.04  # weight of the KL penalty to the reference (k3 estimator, per token)
+    clip_eps: float = 0.2  # the ratio to the rollout policy is clipped to [1 - eps, 1 + eps]
+    iterations: int = 1  # optimizer steps on each rollout batch (1: ratio 1, no clipping)
+    reward: str | None = None  # a Python function module.fn(prompts, responses, records)
+    reward_model: str | None = None  # or a reward model: a checkpoint of task=reward
+    reference: str = "copy"  # copy: a frozen copy of init_from | adapters_off: LoRA disabled
+    table_rows: int = 4  # sampled responses per logging step kept for the W&B table
+    module: ClassVar[str] = "lmforge.tasks.grpo.GRPOTask"
+    data: ClassVar[type] = PromptDataConfig
+    pretrained: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.group_size < 2:
+            raise LMForgeError(
+                f"task.group_size={self.group_size}: GRPO compares each response with the others"
+                " sampled for its prompt, so it needs at least 2: set task.group_size>=2"
+            )
+        for key in ("max_new_tokens", "iterations", "table_rows"):
+            if getattr(self, key) < (0 if key == "table_rows" else 1):
+                raise LMForgeError(f"task.{key} must be positive, got {getattr(self, key)}")
+        if self.temperature <= 0:
+            raise LMForgeError(
+                f"task.temperature={self.temperature}: rollouts are sampled, use a positive"
+                " temperature (validation decodes greedily anyway)"
+            )
+        if self.top_k is not None and self.top_k < 1:
+            raise LMForgeError(f"task.top_k={self.top_k}: use a positive number or null")
+        if self.beta < 0 or not 0 < self.clip_eps < 1:
+            raise LMForgeError(
+                f"task.beta={self.beta}, task.clip_eps={self.clip_eps}: use beta >= 0 and"
+                " 0 < clip_eps < 1"
+            )
+        if self.reference not in ("copy", "adapters_off"):
+            raise LMForgeError(f"task.reference={self.reference!r}: use copy | adapters_off")
+        if self.reference == "adapters_off" and self.lora.rank == 0:
+            raise LMForgeError(
+                "task.reference=adapters_off needs LoRA adapters: set task.lora.rank>0, or"
+                " task.reference=copy"
+            )
+        if (self.reward is None) == (self.reward_model is None):
+            raise LMForgeError(
+                "task=grpo needs exactly one of task.reward (a Python function module.fn, e.g."
+                " lmforge.rewards.exact_match) and task.reward_model (a reward model checkpoint)"
+            )
+        if self.reward is not None:
+            from lmforge.rewards import reward_function
+
+            reward_function(self.reward)  # one line now if it does not import
