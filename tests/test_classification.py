@@ -215,3 +215,18 @@ def test_class_balance_by_weights_and_by_sampling(tmp_path):
     assert weights[1] > 5 * weights[0]  # spam is the rare class
     drawn = torch.cat([b["labels"] for b in dm.train_dataloader()])
     assert labels.float().mean() < 0.2 and 0.4 < drawn.float().mean() < 0.6  # balanced batches
+
+
+def test_an_epoch_run_validates_its_last_step_once(pretrained, tmp_path):
+    """An epoch of 10 batches validated every 4 also validates after its last (10th) step, so
+    the final weights have validation metrics, and only once."""
+    import csv
+
+    cfg, metrics = finetune(
+        pretrained, tmp_path, "trainer.val_check_interval=4", "callbacks.progress_bar=null"
+    )
+    ckpt = torch.load(Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt", weights_only=True)
+    with open(Path(cfg.paths.output_dir) / "csv" / "metrics.csv") as f:
+        val_steps = [int(r["step"]) for r in csv.DictReader(f) if r.get("val/acc")]
+    assert ckpt["global_step"] == 10
+    assert val_steps == [3, 7, 9]  # the steps' indices: after steps 4, 8 and 10
