@@ -181,6 +181,7 @@ def test_the_summary_of_a_storage_lists_its_trials_or_names_what_is_wrong(tmp_pa
         study.add_trial(
             optuna.trial.create_trial(params={"x": value}, distributions={"x": x}, value=value)
         )
+    capsys.readouterr()  # Optuna's own log lines of the studies created here
     assert error(storage) == f"error: {storage} holds 2 studies (a, b): name one with --study NAME"
     assert error(storage, "--study", "c") == (
         f"error: {storage} holds no study 'c': its studies are a, b"

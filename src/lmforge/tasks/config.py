@@ -60,9 +60,10 @@ class TaskConfig:
         if isinstance(data, self.data):
             return
         takes = [
-            c.name
+            name
             for c in _task_configs()
-            if isinstance(data, c.data) and c.name != TaskConfig.name
+            if isinstance(data, c.data)
+            and (name := c.__dataclass_fields__["name"].default) != TaskConfig.name
         ]
         fix = f"use task={' or task='.join(takes)}" if takes else "choose another data config"
         raise LMForgeError(
@@ -89,10 +90,12 @@ class TaskConfig:
 
 
 def _task_configs() -> list[type[TaskConfig]]:
+    """Every task config class (not instances: a task's defaults may not validate alone, e.g.
+    GRPO's reward must be named)."""
     found, todo = [], list(TaskConfig.__subclasses__())
     while todo:
         c = todo.pop()
-        found.append(c())
+        found.append(c)
         todo += c.__subclasses__()
     return found
 
