@@ -179,7 +179,7 @@ def test_killed_bert_run_resumes_bitwise(tmp_path):
     common = [
         "experiment=bert_shakespeare_mlm_cpu",
         "model=bert-nano",
-        "data.batch_size=32",
+        "data.batch_size=16",
         f"data.dir={tmp_path}/wp",
         f"data.prepare.source.paths=[{corpus}]",
         "data.prepare.tokenizer.vocab_size=500",
