@@ -317,12 +317,9 @@ class ClassificationDataModule(ExamplesDataModule):
         return self._eval_loader(self.sets["test"], self._collate())
 
 
-class InstructionDataModule(ExamplesDataModule):
-    """Instruction records tokenized with the model's tokenizer: padded (or packed) batches of
-    ``input_ids``, ``labels`` (-100 on prompts and padding) and, packed, ``segments``.
-
-    ``settings``: what the tokenizer's ``tokenizer_config.json`` says (special tokens, chat
-    template); None for a tokenizer without one (GPT-2's, lmforge's own)."""
+class FramedDataModule(ExamplesDataModule):
+    """Records framed for a model's tokenizer (``lmforge.data.instructions.Framing``: its EOS,
+    BOS, padding and chat template); ``settings``: what its ``tokenizer_config.json`` says."""
 
     def __init__(self, config, tokenizer, seed: int = 1337, settings=None) -> None:
         from lmforge.data.instructions import Framing
@@ -333,6 +330,14 @@ class InstructionDataModule(ExamplesDataModule):
         self.tokenizer_settings = self.framing.used_settings  # kept in checkpoints
         self.pad_id = self.framing.pad_id
         self.sets: dict = {}
+
+
+class InstructionDataModule(FramedDataModule):
+    """Instruction records tokenized with the model's tokenizer: padded (or packed) batches of
+    ``input_ids``, ``labels`` (-100 on prompts and padding) and, packed, ``segments``.
+
+    ``settings``: what the tokenizer's ``tokenizer_config.json`` says (special tokens, chat
+    template); None for a tokenizer without one (GPT-2's, lmforge's own)."""
 
     def setup(self, stage: str | None = None) -> None:
         from lmforge.data.instructions import encode_records, pack, read_records
@@ -368,21 +373,11 @@ class InstructionDataModule(ExamplesDataModule):
         return self._eval_loader(self.sets["val"], functools.partial(pad_batch, pad_id=self.pad_id))
 
 
-class PreferenceDataModule(ExamplesDataModule):
+class PreferenceDataModule(FramedDataModule):
     """Preference pairs (``data/preferences.py``) tokenized with the model's tokenizer
     (``settings``: its ``tokenizer_config.json``, or ``preferences.frame_settings``; None: GPT-2's
     conventions): batches of ``pad_pairs``. Training batches follow one seeded global order
     split over the ranks (``GlobalBatches``); each validation and test pair is on one rank."""
-
-    def __init__(self, config, tokenizer, seed: int = 1337, settings=None) -> None:
-        from lmforge.data.instructions import Framing
-
-        super().__init__()
-        self.config, self.tokenizer, self.seed = config, tokenizer, seed
-        self.framing = Framing(tokenizer, config, settings)
-        self.tokenizer_settings = self.framing.used_settings  # kept in checkpoints
-        self.pad_id = self.framing.pad_id
-        self.sets: dict = {}
 
     def setup(self, stage: str | None = None) -> None:
         from lmforge.data.preferences import encode_pairs, read_pairs

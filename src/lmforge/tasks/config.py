@@ -62,7 +62,7 @@ class TaskConfig:
         takes = [
             name
             for c in _task_configs()
-            if isinstance(data, c.data)
+            if isinstance(data, getattr(c, "data", ()))
             and (name := c.__dataclass_fields__["name"].default) != TaskConfig.name
         ]
         fix = f"use task={' or task='.join(takes)}" if takes else "choose another data config"
@@ -120,14 +120,12 @@ class MaskedLMConfig(TaskConfig):
 
 
 @dataclass
-class ClassificationConfig(TaskConfig):
-    """A linear head on a pretrained GPT (last token) or BERT (pooled [CLS])."""
+class HeadConfig(TaskConfig):
+    """What the tasks that put a head on a pretrained GPT (last token) or BERT (pooled [CLS])
+    share: LoRA, or training only the last blocks."""
 
-    name: str = "classification"
     lora: LoRAConfig = field(default_factory=LoRAConfig)
     train_last_blocks: int | None = None  # train only the last k blocks (and the head); null: all
-    module: ClassVar[str] = "lmforge.tasks.classification.ClassificationTask"
-    data: ClassVar[type] = ClassificationDataConfig
     pretrained: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
@@ -136,6 +134,15 @@ class ClassificationConfig(TaskConfig):
             raise LMForgeError(
                 f"task.train_last_blocks must be >= 0 or null, got {self.train_last_blocks}"
             )
+
+
+@dataclass
+class ClassificationConfig(HeadConfig):
+    """A linear head on a pretrained GPT (last token) or BERT (pooled [CLS])."""
+
+    name: str = "classification"
+    module: ClassVar[str] = "lmforge.tasks.classification.ClassificationTask"
+    data: ClassVar[type] = ClassificationDataConfig
 
 
 @dataclass
@@ -151,25 +158,15 @@ class InstructionConfig(TaskConfig):
 
 
 @dataclass
-class RewardConfig(TaskConfig):
+class RewardConfig(HeadConfig):
     """A reward model: a scalar head on a pretrained GPT (last token) or BERT (pooled [CLS]),
     trained on preference pairs with the Bradley-Terry loss -log sigmoid(r_chosen - r_rejected
     - margin)."""
 
     name: str = "reward"
-    lora: LoRAConfig = field(default_factory=LoRAConfig)
-    train_last_blocks: int | None = None  # train only the last k blocks (and the head); null: all
     margin: float = 0.0  # added to each pair's own (a record's `margin`): r_c must beat r_r by it
     module: ClassVar[str] = "lmforge.tasks.reward.RewardTask"
     data: ClassVar[type] = PreferenceDataConfig
-    pretrained: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.train_last_blocks is not None and self.train_last_blocks < 0:
-            raise LMForgeError(
-                f"task.train_last_blocks must be >= 0 or null, got {self.train_last_blocks}"
-            )
 
 
 @dataclass
