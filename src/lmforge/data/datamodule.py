@@ -244,6 +244,18 @@ class ExamplesDataModule(L.LightningDataModule):
             num_workers=self.config.num_workers,
         )
 
+    def _collate(self):
+        """The collate function of the module's batches (classification, preference pairs)."""
+        raise NotImplementedError
+
+    def val_dataloader(self) -> DataLoader:
+        return self._eval_loader(self.sets["val"], self._collate())
+
+    def test_dataloader(self) -> DataLoader:
+        if "test" not in self.sets:
+            raise LMForgeError("no test split: set data.test")
+        return self._eval_loader(self.sets["test"], self._collate())
+
 
 class ClassificationDataModule(ExamplesDataModule):
     """Labelled examples for classification fine-tuning, tokenized with the model's tokenizer
@@ -307,14 +319,6 @@ class ClassificationDataModule(ExamplesDataModule):
         if self.config.balance == "sampling":
             weights = self.class_weights()[torch.tensor(data.labels)]
         return self._train_loader(data, self._collate(), weights)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.sets["val"], self._collate())
-
-    def test_dataloader(self) -> DataLoader:
-        if "test" not in self.sets:
-            raise LMForgeError("no test split: set data.test")
-        return self._eval_loader(self.sets["test"], self._collate())
 
 
 class FramedDataModule(ExamplesDataModule):
@@ -401,14 +405,6 @@ class PreferenceDataModule(FramedDataModule):
 
     def train_dataloader(self) -> DataLoader:
         return self._train_loader(self.sets["train"], self._collate())
-
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader(self.sets["val"], self._collate())
-
-    def test_dataloader(self) -> DataLoader:
-        if "test" not in self.sets:
-            raise LMForgeError("no test split: set data.test")
-        return self._eval_loader(self.sets["test"], self._collate())
 
 
 class PromptDataModule(L.LightningDataModule):

@@ -61,13 +61,18 @@ class InstructionDataConfig:
     def __post_init__(self) -> None:
         if self.format not in ("alpaca", "messages", "auto"):
             raise LMForgeError(f"data.format={self.format!r}: use alpaca | messages | auto")
-        self.chat_template = str(self.chat_template)
-        if self.chat_template.lower() in ("auto", "true", "false"):
-            self.chat_template = self.chat_template.lower()
+        self.chat_template = chat_template_choice(self.chat_template)
         if self.too_long not in ("truncate", "skip", "error"):
             raise LMForgeError(f"data.too_long={self.too_long!r}: use truncate | skip | error")
         if self.on_missing_output not in ("error", "skip"):
             raise LMForgeError(f"data.on_missing_output={self.on_missing_output!r}: error | skip")
+
+
+def chat_template_choice(value) -> str:
+    """``data.chat_template`` as the configs take it: auto | true | false (in any case), or the
+    path of a template file (kept as written)."""
+    value = str(value)
+    return value.lower() if value.lower() in ("auto", "true", "false") else value
 
 
 def read_records(path: str | Path) -> list[dict]:

@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from lmforge.data.chat import ChatTemplateError, TokenizerSettings, alpaca_messages
-from lmforge.data.instructions import ALPACA, Framing, render_prompt
+from lmforge.data.instructions import ALPACA, Framing, chat_template_choice, render_prompt
 from lmforge.data.tokenizer import check_same_tokenizer  # noqa: F401  (part of this module's API)
 from lmforge.errors import LMForgeError
 
@@ -73,9 +73,7 @@ class PreferenceDataConfig:
     def __post_init__(self) -> None:
         if self.format not in ("auto", *FORMATS):
             raise LMForgeError(f"data.format={self.format!r}: use auto | {' | '.join(FORMATS)}")
-        self.chat_template = str(self.chat_template)
-        if self.chat_template.lower() in ("auto", "true", "false"):
-            self.chat_template = self.chat_template.lower()
+        self.chat_template = chat_template_choice(self.chat_template)
         if self.too_long not in ("truncate", "skip", "error"):
             raise LMForgeError(f"data.too_long={self.too_long!r}: use truncate | skip | error")
         if self.on_bad_pair not in ("error", "skip"):

@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from lmforge.data.datasets import StepStream
-from lmforge.data.instructions import ALPACA, Framing
+from lmforge.data.instructions import ALPACA, Framing, chat_template_choice
 from lmforge.errors import LMForgeError
 
 
@@ -44,9 +44,7 @@ class PromptDataConfig:
     def __post_init__(self) -> None:
         if self.format not in ("alpaca", "messages", "auto"):
             raise LMForgeError(f"data.format={self.format!r}: use alpaca | messages | auto")
-        self.chat_template = str(self.chat_template)
-        if self.chat_template.lower() in ("auto", "true", "false"):
-            self.chat_template = self.chat_template.lower()
+        self.chat_template = chat_template_choice(self.chat_template)
         if self.too_long not in ("error", "skip"):
             raise LMForgeError(f"data.too_long={self.too_long!r}: use error | skip")
         for name in ("batch_size", "val_batch_size", "max_val_prompts"):
