@@ -26,7 +26,6 @@ decodes the held-out prompts greedily: ``val/reward`` is their mean reward (step
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -36,7 +35,7 @@ from torchmetrics.aggregation import MeanMetric
 
 from lmforge.data.datamodule import PromptDataModule
 from lmforge.errors import LMForgeError
-from lmforge.models.lora import LoRALinear
+from lmforge.models.lora import adapters_off
 from lmforge.rewards import call_reward, reward_function
 from lmforge.run import pretrained_model
 from lmforge.tasks.base import LMTask, Recipe
@@ -103,20 +102,6 @@ class Rollout:
 
     def state(self) -> dict:
         return asdict(self)
-
-
-@contextmanager
-def adapters_off(model: torch.nn.Module):
-    """``model`` with its LoRA adapters contributing nothing: the base model."""
-    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
-    scales = [m.scale for m in layers]
-    for m in layers:
-        m.scale = 0.0
-    try:
-        yield model
-    finally:
-        for m, s in zip(layers, scales, strict=True):
-            m.scale = s
 
 
 class GRPOTask(LMTask):
