@@ -375,6 +375,36 @@ def test_one_document_per_file_without_validation_fails_before_tokenizing(tmp_pa
     assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 2
 
 
+def test_a_prepared_directory_trains_without_its_source(tmp_path, tiny_text):
+    """``lmforge-train data=corpus data.dir=<a set lmforge-prepare wrote>``: no source paths,
+    the set is used as it is (its char tokenizer, though data=corpus names a BPE)."""
+    from lmforge.cli.train import train
+
+    from .conftest import compose_train
+
+    source = SourceConfig(kind="text_files", paths=[str(tiny_text)])
+    cfg = PrepareConfig(source=source, split="tail", progress=False)
+    prepare(cfg, tmp_path / "set")
+    written = (tmp_path / "set" / "meta.json").read_bytes()
+    run = compose_train(
+        [
+            "model=gpt-nano",
+            "data=corpus",
+            f"data.dir={tmp_path}/set",
+            "trainer.max_steps=1",
+            "data.max_val_windows=2",
+            "callbacks.text_samples=null",
+            "trainer.enable_model_summary=false",
+            "logger=csv",
+        ],
+        tmp_path,
+    )
+    assert train(run)["val/loss"] > 0
+    assert (tmp_path / "set" / "meta.json").read_bytes() == written  # not rebuilt
+    with pytest.raises(LMForgeError, match=r"holds no prepared set \(meta.json\) and data.prepa"):
+        prepare(PrepareConfig(progress=False), tmp_path / "nothing")
+
+
 def transformers_style_tokenizer_file(path, docs):
     """A WordPiece saved as sentence-transformers and BERT files are: padding and truncation to
     128 and a [CLS] $A [SEP] post-processor."""

@@ -18,7 +18,8 @@ Output directory::
 The set is built in a temporary directory and swapped in at the end: an interrupted run leaves
 the previous set as it was and never a set that looks complete. Only a directory lmforge wrote
 (or an empty one) is replaced; one holding other files is refused. Re-running with the same
-inputs (paths, sizes, modification times) and settings does nothing.
+inputs (paths, sizes, modification times) and settings does nothing; without source paths, the
+set already in the directory is used as it is (``data=corpus data.dir=<a prepared set>``).
 
 A document longer than ``chunk_bytes`` is tokenized in pieces of about that size, cut before a
 space that starts a word, where every tokenizer lmforge trains (and GPT-2's) splits anyway: the
@@ -331,6 +332,14 @@ def up_to_date(out: Path, fp: dict) -> dict | None:
 def prepare(cfg: PrepareConfig, out_dir: str | Path, force: bool = False) -> dict:
     """Prepare the corpus of ``cfg`` into ``out_dir``; returns the metadata. A no-op when up to date."""
     out = Path(out_dir)
+    if not cfg.source.paths:  # no source: the prepared set in out_dir is used as it is
+        if (out / "meta.json").is_file():
+            return read_meta(out)
+        raise LMForgeError(
+            f"data.dir={out} holds no prepared set (meta.json) and data.prepare.source.paths is"
+            " empty: give the corpus files, directories or globs, or the directory of a set"
+            " lmforge-prepare wrote"
+        )
     fp = fingerprint(cfg)
     root = out.resolve()
     for source in fp["sources"]:
