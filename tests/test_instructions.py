@@ -89,6 +89,24 @@ def test_bad_records_are_refused_or_counted(tok):
     assert counts["response truncated"] == 1 and len(kept[0][0]) == first + 1
 
 
+def test_no_usable_record_says_why_with_a_char_tokenizer_of_other_text():
+    """A char vocabulary of Shakespeare (no '#', no digits) and a 64-token context, as the
+    `make train` model has: every Alpaca prompt is longer than the context."""
+    shakespeare = train_tokenizer(
+        ["First Citizen:\nBefore we proceed any further, hear me speak."],
+        TokenizerConfig(kind="char"),
+    )
+    with pytest.raises(LMForgeError) as info:
+        encode_records(
+            RECORDS, shakespeare, InstructionDataConfig("", "", max_len=64), "train.json"
+        )
+    message = str(info.value)
+    assert message.startswith("train.json holds no usable record: of 2, 2 too long for")
+    assert "data.max_len=64 (the shortest prompt takes" in message
+    assert "2 hold characters the tokenizer lacks" in message and "'#'" in message
+    assert "'3'" in message and "raise data.max_len" in message and "\n" not in message
+
+
 def test_an_instruction_checkpoint_with_adapters_loads_merged(tmp_path):
     """load_model (lmforge-generate, -eval, -export) folds LoRA adapters into the weights."""
     from lmforge.checkpoint import load_model

@@ -340,6 +340,71 @@ def test_chinese_corpus_prepares_and_trains(tmp_path, kind, train_cfg):
     assert metrics["val/loss"] > 0
 
 
+def test_one_document_per_file_without_validation_fails_before_tokenizing(tmp_path, monkeypatch):
+    """Classical Chinese as the shared data holds it: a few files, each one document; a
+    document split at 1% holds none of them out. The refusal comes before the tokenizer."""
+    import lmforge.data.prepare as prep
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("a tokenizer was trained before the split was checked")
+
+    monkeypatch.setattr(prep, "train_tokenizer", no_training)
+    (tmp_path / "zh").mkdir()
+    for name, text in (
+        ("shijing.txt", "關關雎鳩，在河之洲。"),
+        ("lunyu.txt", "學而時習之，不亦說乎？"),
+    ):
+        (tmp_path / "zh" / name).write_text(text)
+    cfg = PrepareConfig(
+        source=SourceConfig(kind="text_files", paths=[str(tmp_path / "zh")]),
+        tokenizer=TokenizerConfig(kind="bpe", vocab_size=400),
+        val_fraction=0.01,
+        progress=False,
+    )
+    message = (
+        r"the validation split would be empty: .* none of the 2 kept .*"
+        r"data.prepare.split=tail .*data.prepare.source.documents=paragraph"
+    )
+    with pytest.raises(LMForgeError, match=message) as info:
+        prepare(cfg, tmp_path / "out")
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()
+    monkeypatch.undo()
+    cfg.split = "tail"  # the fix the message names
+    meta = prepare(cfg, tmp_path / "out")
+    assert meta["splits"]["val"]["documents"] == 1 and meta["splits"]["train"]["documents"] == 2
+
+
+def test_a_prepared_directory_trains_without_its_source(tmp_path, tiny_text):
+    """``lmforge-train data=corpus data.dir=<a set lmforge-prepare wrote>``: no source paths,
+    the set is used as it is (its char tokenizer, though data=corpus names a BPE)."""
+    from lmforge.cli.train import train
+
+    from .conftest import compose_train
+
+    source = SourceConfig(kind="text_files", paths=[str(tiny_text)])
+    cfg = PrepareConfig(source=source, split="tail", progress=False)
+    prepare(cfg, tmp_path / "set")
+    written = (tmp_path / "set" / "meta.json").read_bytes()
+    run = compose_train(
+        [
+            "model=gpt-nano",
+            "data=corpus",
+            f"data.dir={tmp_path}/set",
+            "trainer.max_steps=1",
+            "data.max_val_windows=2",
+            "callbacks.text_samples=null",
+            "trainer.enable_model_summary=false",
+            "logger=csv",
+        ],
+        tmp_path,
+    )
+    assert train(run)["val/loss"] > 0
+    assert (tmp_path / "set" / "meta.json").read_bytes() == written  # not rebuilt
+    with pytest.raises(LMForgeError, match=r"holds no prepared set \(meta.json\) and data.prepa"):
+        prepare(PrepareConfig(progress=False), tmp_path / "nothing")
+
+
 def transformers_style_tokenizer_file(path, docs):
     """A WordPiece saved as sentence-transformers and BERT files are: padding and truncation to
     128 and a [CLS] $A [SEP] post-processor."""

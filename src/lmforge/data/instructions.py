@@ -246,6 +246,7 @@ def encode_records(
     framing = framing or Framing(tokenizer, cfg)
     counts: Counter = Counter()
     out = []
+    shortest_prompt = None  # in tokens, among the records skipped as too long
     for n, record in enumerate(records, 1):
         if framing.conversation(record, n, where) is None and not record.get("output"):
             if cfg.on_missing_output == "skip":
@@ -266,6 +267,8 @@ def encode_records(
             # Kept when a response token is among the inputs (the Alpaca prompt fits, with room).
             if cfg.too_long == "skip" or not any(targets[1 : cfg.max_len]):
                 counts["too long, skipped"] += 1
+                prompt = targets.index(True) if any(targets) else len(tokens)
+                shortest_prompt = min(prompt, shortest_prompt or prompt)
                 continue
             tokens, targets = tokens[: cfg.max_len + 1], targets[: cfg.max_len + 1]
             counts["response truncated"] += 1
@@ -273,8 +276,53 @@ def encode_records(
         labels = [t if target else -100 for t, target in zip(tokens[1:], targets[1:])]
         out.append((ids, labels))
     if not out:
-        raise LMForgeError(f"{where} holds no usable record")
+        raise LMForgeError(
+            _no_usable_record(records, tokenizer, cfg, where, counts, shortest_prompt)
+        )
     return out, counts
+
+
+def _strings(value) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else []
+    return [s for item in items for s in _strings(item)]
+
+
+def _no_usable_record(records, tokenizer, cfg, where, counts, shortest_prompt) -> str:
+    """Why every record was dropped, with the count of each reason and the fixes: records too
+    long for data.max_len, without an output, and characters the tokenizer has no token for
+    (a char vocabulary drops them: a Shakespeare one lacks '#' and digits, say)."""
+    texts = [(i, set("".join(_strings(r)))) for i, r in enumerate(records)]
+    chars = set(cfg.prompt + cfg.prompt_no_input).union(*(c for _, c in texts))
+    lacking = sorted(
+        c
+        for c in chars
+        if not c.isspace() and not tokenizer.encode(c, add_special_tokens=False).ids
+    )
+    why, fixes = [], []
+    if n := counts["too long, skipped"]:
+        prompt = f" (the shortest prompt takes {shortest_prompt} tokens)"
+        why.append(f"{n} too long for data.max_len={cfg.max_len}{prompt}")
+        fixes.append(
+            "raise data.max_len (a model with a longer model.block_size) or shorten data.prompt"
+            " and data.prompt_no_input"
+        )
+    if n := counts["no output"]:
+        why.append(f"{n} without an output")
+        fixes.append("give the records an 'output'")
+    if lacking:
+        n = sum(1 for _, c in texts if c.intersection(lacking))
+        shown = " ".join(repr(c) for c in lacking[:8]) + (" ..." if len(lacking) > 8 else "")
+        why.append(
+            f"{n} hold characters the tokenizer lacks (of records and prompt: {len(lacking)},"
+            f" {shown}), dropped from the text"
+        )
+        fixes.append("fine-tune a model whose tokenizer covers them (a BPE one, not char-level)")
+    return (
+        f"{where} holds no usable record: of {len(records)}, {'; '.join(why) or 'none kept'}:"
+        f" {'; '.join(fixes) or 'check the records'}"
+    )
 
 
 def pad_batch(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:

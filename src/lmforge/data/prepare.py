@@ -18,7 +18,8 @@ Output directory::
 The set is built in a temporary directory and swapped in at the end: an interrupted run leaves
 the previous set as it was and never a set that looks complete. Only a directory lmforge wrote
 (or an empty one) is replaced; one holding other files is refused. Re-running with the same
-inputs (paths, sizes, modification times) and settings does nothing.
+inputs (paths, sizes, modification times) and settings does nothing; without source paths, the
+set already in the directory is used as it is (``data=corpus data.dir=<a prepared set>``).
 
 A document longer than ``chunk_bytes`` is tokenized in pieces of about that size, cut before a
 space that starts a word, where every tokenizer lmforge trains (and GPT-2's) splits anyway: the
@@ -331,6 +332,14 @@ def up_to_date(out: Path, fp: dict) -> dict | None:
 def prepare(cfg: PrepareConfig, out_dir: str | Path, force: bool = False) -> dict:
     """Prepare the corpus of ``cfg`` into ``out_dir``; returns the metadata. A no-op when up to date."""
     out = Path(out_dir)
+    if not cfg.source.paths:  # no source: the prepared set in out_dir is used as it is
+        if (out / "meta.json").is_file():
+            return read_meta(out)
+        raise LMForgeError(
+            f"data.dir={out} holds no prepared set (meta.json) and data.prepare.source.paths is"
+            " empty: give the corpus files, directories or globs, or the directory of a set"
+            " lmforge-prepare wrote"
+        )
     fp = fingerprint(cfg)
     root = out.resolve()
     for source in fp["sources"]:
@@ -365,7 +374,9 @@ def _prepare_into(cfg: PrepareConfig, out: Path, fp: dict) -> dict:
             raise LMForgeError(_empty_message(cfg))
         cut = int(n_chars * (1.0 - cfg.val_fraction))
         sample = iter(texts)
-    elif cfg.tokenizer.kind in TRAINED:
+    else:
+        check_split(cfg)
+    if cfg.split == "documents" and cfg.tokenizer.kind in TRAINED:
         # char vocabularies must cover validation text too; learned ones train on training text
         only_train = cfg.tokenizer.kind != "char"
         sample = limit_bytes(
@@ -466,6 +477,34 @@ def _prepare_into(cfg: PrepareConfig, out: Path, fp: dict) -> dict:
     }
     atomic_write_bytes(out / "meta.json", json.dumps(meta, indent=2).encode())
     return meta
+
+
+def check_split(cfg: PrepareConfig) -> None:
+    """Refuse, before any tokenizing, a document split that leaves train or validation empty
+    (a few documents, one per file say). Reads documents only until both splits hold one:
+    for a corpus of many documents, the first hundred or so."""
+    held = {False: 0, True: 0}
+    for _, is_val in Cleaner(cfg)(documents(cfg.source, SourceStats())):
+        held[is_val] += 1
+        if held[False] and held[True]:
+            return
+    kept = held[False] + held[True]
+    if kept == 0:
+        raise LMForgeError(_empty_message(cfg))
+    empty = "validation" if held[False] else "training"
+    per_file = (
+        ", data.prepare.source.documents=paragraph (a document per blank-line-separated"
+        " paragraph, not per file)"
+        if cfg.source.kind == "text_files" and cfg.source.documents == "file"
+        else ""
+    )
+    raise LMForgeError(
+        f"the {empty} split would be empty: data.prepare.split=documents holds out whole"
+        f" documents, and none of the {kept} kept fell to {empty} at"
+        f" data.prepare.val_fraction={cfg.val_fraction}: set data.prepare.split=tail (the last"
+        f" val_fraction of the text){per_file}, give more documents, or change"
+        " data.prepare.val_fraction"
+    )
 
 
 def _empty_message(cfg: PrepareConfig) -> str:
