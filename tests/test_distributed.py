@@ -356,6 +356,9 @@ def test_torchrun_launch_writes_one_run(gpt_runs):
     single = weights(runs / "single" / "checkpoints" / "last.ckpt")
     assert_close(weights(run_dirs[0] / "checkpoints" / "last.ckpt"), single)
     assert proc.stdout.count("val/loss") >= 1
+    # each rank its own log file: rank 1 does not write into rank 0's train.log
+    assert sorted(p.name for p in run_dirs[0].glob("*.log")) == ["train.log", "train_rank1.log"]
+    assert "GLOBAL_RANK: 1" not in (run_dirs[0] / "train.log").read_text()
 
 
 def test_multirun_with_ddp_refuses_at_start(tmp_path, corpus):

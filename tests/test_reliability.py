@@ -533,6 +533,33 @@ def test_checkpoints_are_taken_at_optimizer_step_boundaries_once(train_cfg):
     ]
 
 
+def test_the_savers_of_one_step_write_each_state_once(train_cfg):
+    """At step 4 the periodic saver writes step000004.ckpt and last.ckpt, one state: written
+    once, last.ckpt a hard link. The best saver's file, after the validation, holds another
+    state (the validation done) and is written itself. A later last.ckpt replaces the link and
+    leaves the file it was linked to as it was."""
+    settings = (
+        "run_name=r",
+        "logger=csv",
+        "callbacks.text_samples=null",
+        "trainer.val_check_interval=4",
+        "trainer.limit_val_batches=2",
+        "callbacks.periodic_checkpoint.every_n_train_steps=2",
+    )
+    train(train_cfg(*settings, "trainer.max_steps=4"))
+    ckpts = Path(train_cfg().paths.output_dir) / "checkpoints"
+    (best,) = ckpts.glob("step000004-val_loss*.ckpt")
+    step4, last = ckpts / "step000004.ckpt", ckpts / "last.ckpt"
+    assert last.stat().st_ino == step4.stat().st_ino != best.stat().st_ino
+    assert step4.stat().st_nlink == 2
+    assert load_checkpoint(best)["global_step"] == 4
+    inode = step4.stat().st_ino
+    train(train_cfg(*settings, "trainer.max_steps=6", "resume=auto"))  # from step 4
+    assert step4.stat().st_ino == inode and step4.stat().st_nlink == 1
+    assert load_checkpoint(step4)["global_step"] == 4  # intact, resumable
+    assert load_checkpoint(last)["global_step"] == 6 and last.stat().st_ino != inode
+
+
 def zero_inside_a_tensor(path: Path, n: int = 4000) -> None:
     """Zero ``n`` bytes in the middle of a checkpoint's largest tensor record; the zip structure
     (and so torch.load) stays intact."""

@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import lightning as L
 import pytest
 import torch
 
@@ -130,3 +131,68 @@ def test_global_batch_tokens_must_be_a_multiple(train_cfg):
         LMForgeError, match="not a multiple of .* = 384: use a multiple such as 768"
     ):
         train(train_cfg("data.global_batch_tokens=700", "logger=csv", "callbacks=none"))
+
+
+class BarProbe(L.Callback):
+    """Records what the progress bar shows when training ends."""
+
+    seen: dict = {}
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        bar = trainer.progress_bar_callback
+        BarProbe.seen = {
+            "metrics": bar.get_metrics(trainer, pl_module),
+            "description": bar._get_train_description(trainer.current_epoch),
+        }
+
+
+def test_progress_bar_and_summary_show_what_a_step_bounded_run_has(train_cfg, caplog):
+    """The bar says "step 4/4", not Lightning's "Epoch 0/-2"; no logger version (v_num); no FLOPs counted
+    as 0 in the model summary."""
+    import logging
+
+    cfg = train_cfg(
+        "trainer.max_steps=4",
+        "trainer.val_check_interval=4",
+        "trainer.enable_model_summary=true",
+        "logger=wandb",  # offline; its run id was the bar's v_num
+        "callbacks.text_samples=null",
+        f"+callbacks.probe._target_={__name__}.BarProbe",
+    )
+    summary = logging.getLogger("lightning.pytorch.callbacks.model_summary")
+    summary.addHandler(caplog.handler)
+    try:
+        with caplog.at_level(logging.INFO, logger=summary.name):
+            train(cfg)
+    finally:
+        summary.removeHandler(caplog.handler)
+    assert "val/loss" in BarProbe.seen["metrics"] and "v_num" not in BarProbe.seen["metrics"]
+    assert BarProbe.seen["description"].strip() == "step 4/4"
+    table = caplog.text
+    assert "Total params" in table and "Trainable params" in table
+    assert "FLOPs" not in table and "Flops" not in table
+
+
+def test_report_names_the_next_commands_with_the_checkpoint(train_cfg, capsys):
+    cfg = train_cfg("trainer.max_steps=2", "logger=csv", "callbacks.text_samples=null")
+    train(cfg)
+    out = capsys.readouterr().out
+    last = Path(cfg.paths.output_dir) / "checkpoints" / "last.ckpt"
+    assert f"lmforge-generate ckpt_path={last} " in out
+    assert f"lmforge-eval ckpt_path={last} data=shakespeare_char" in out
+    assert f"lmforge-export {last} exports/run" in out
+
+
+def test_next_commands_follow_what_the_checkpoint_holds():
+    from lmforge.run import next_commands
+
+    gpt, bert = {"family": "gpt", "model": {}}, {"family": "bert", "model": {}}
+    assert [c.split()[0] for c in next_commands(gpt, "c.ckpt", "r")] == [
+        "lmforge-generate",
+        "lmforge-eval",
+        "lmforge-export",
+    ]
+    assert [c.split()[0] for c in next_commands(bert, "c.ckpt", "r")] == ["lmforge-export"]
+    reward = next_commands(gpt | {"reward": True}, "c.ckpt", "r")
+    assert [c.split()[0] for c in reward] == ["lmforge-score", "lmforge-export"]
+    assert next_commands(gpt | {"labels": ["neg", "pos"]}, "c.ckpt", "r") == []

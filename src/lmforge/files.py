@@ -17,8 +17,9 @@ def atomic_open(path: Path) -> Iterator:
     """A binary file to write ``path`` through: written under a temporary name beside it,
     fsynced and renamed over ``path`` when the block ends; removed if the block fails."""
     tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)  # a new file: never truncate one left behind (it may be a link)
     try:
-        with open(tmp, "wb") as f:
+        with open(tmp, "xb") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
@@ -43,6 +44,23 @@ def atomic_torch_save(obj, path: Path) -> None:
 def atomic_copy(src: Path, path: Path) -> None:
     with open(src, "rb") as fin, atomic_open(path) as fout:
         shutil.copyfileobj(fin, fout, 16 << 20)
+
+
+def atomic_link(src: Path, path: Path) -> None:
+    """Make ``path`` a hard link of ``src`` (one copy of the bytes on disk), replacing ``path``
+    by a rename; a byte copy where the file system refuses links. ``path`` is only ever replaced,
+    never written in place, so a later rewrite of either name leaves the other as it was."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:  # no hard links here (some network and FAT file systems), or across devices
+        atomic_copy(src, path)
+        return
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 MARKER = ".lmforge"  # written into every directory lmforge builds with staged_dir

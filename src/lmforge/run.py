@@ -385,7 +385,34 @@ def global_batch(trainer, recipe) -> dict[str, int]:
     }
 
 
-def report(trainer, metrics: dict, out_dir: str) -> None:
+def next_commands(hparams: dict, ckpt: str, name: str, data: str | None = None) -> list[str]:
+    """The commands that take a run's checkpoint ``ckpt`` next, decided as their loaders decide
+    (``lmforge.checkpoint``): none for a classifier, lmforge-score and lmforge-export for a reward
+    model, lmforge-export for a language model, and for one whose family generates text (a
+    causal LM) lmforge-generate and lmforge-eval (on the run's data config ``data``) first."""
+    import shlex
+
+    from lmforge.checkpoint import checkpoint_family
+    from lmforge.models.registry import family as get_family
+
+    export = f"lmforge-export {shlex.quote(ckpt)} {shlex.quote(f'exports/{name}')}"
+    given = shlex.quote(f"ckpt_path={ckpt}")
+    if "labels" in hparams:
+        return []
+    if hparams.get("reward"):
+        return [f"lmforge-score {given} input=records.jsonl out=scored.jsonl", export]
+    if not get_family(checkpoint_family(hparams)).causal:
+        return [export]
+    return [
+        f"lmforge-generate {given} max_new_tokens=200",
+        f"lmforge-eval {given}" + (f" data={shlex.quote(data)}" if data else ""),
+        export,
+    ]
+
+
+def report(trainer, metrics: dict, out_dir: str, data: str | None = None) -> None:
+    """Print the run's closing lines (rank 0): its directory, final metrics, best checkpoint,
+    W&B upload, and what to run next on its last checkpoint (eval on the data config ``data``)."""
     lines = [f"run directory: {out_dir}"]
     if "val/loss" in metrics:
         lines.append(
@@ -412,4 +439,13 @@ def report(trainer, metrics: dict, out_dir: str) -> None:
         lines.append(
             f"W&B offline run: upload with `wandb sync {os.path.join(wandb_dir, offline[-1])}`"
         )
+    saved = [cb.last_model_path or cb.best_model_path for cb in trainer.checkpoint_callbacks]
+    saved = sorted((p for p in saved if p), key=lambda p: Path(p).name != "last.ckpt")
+    if saved and trainer.lightning_module is not None:
+        commands = next_commands(
+            dict(trainer.lightning_module.hparams), saved[0], Path(out_dir).name, data
+        )
+        if commands:
+            lines.append("next:")
+            lines.extend(f"  {command}" for command in commands)
     print("\n".join(lines), flush=True)

@@ -9,6 +9,7 @@ signal for a scheduler to requeue; ``resume=auto`` then continues from that chec
 
 from __future__ import annotations
 
+import copy
 import signal
 from pathlib import Path
 from typing import Any
@@ -22,16 +23,32 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from lmforge import signals
 from lmforge.errors import LMForgeError
-from lmforge.files import atomic_copy, atomic_torch_save
+from lmforge.files import atomic_link, atomic_torch_save
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Writes each checkpoint to a temporary name and renames it. A checkpoint that holds the
+    same state as the one saved just before it (the savers that fire at one step: the periodic
+    step file and ``last.ckpt``, the best and ``last.ckpt`` after a validation) is not written
+    again: its name becomes a hard link of that file (a byte copy where links fail). Every name
+    is only ever replaced by a rename, never rewritten in place, so a later ``last.ckpt`` leaves
+    the step file it was linked to as it was."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._previous: _Saved | None = None
+
     def save_checkpoint(
         self, checkpoint: dict[str, Any], path, storage_options: Any | None = None
     ) -> None:
         path = Path(path)
+        previous, self._previous = self._previous, None
         try:
-            atomic_torch_save(checkpoint, path)
+            if previous is not None and previous.holds(checkpoint):
+                atomic_link(previous.path, path)
+            else:
+                atomic_torch_save(checkpoint, path)
+                previous = _Saved(path, checkpoint)
         except (OSError, RuntimeError) as e:  # torch's zip writer reports a failed write as
             # RuntimeError ("unexpected pos ...")
             reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0]
@@ -39,6 +56,89 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 f"writing checkpoint {path} failed ({reason[:120]}): is {path.parent} full? Free"
                 " space and resume with resume=auto; the earlier checkpoints are intact"
             ) from None
+        self._previous = previous
+
+
+class _Saved:
+    """A checkpoint file just written and the state it holds: the checkpoint's plain values, and
+    its tensors with their version counters (bumped by every in-place change, as an optimizer
+    step makes). The tensors are kept: the model's and optimizer's are views of the live ones
+    (no memory of their own), a copy (an RNG state) stays as it was saved."""
+
+    def __init__(self, path: Path, checkpoint: dict) -> None:
+        self.path = path
+        self.values = _plain(checkpoint)  # a copy: a callback's state may be its live dict
+        self.tensors = _tensors(checkpoint)
+        self.versions = [t._version for t in self.tensors]
+        self.stat = _identity(path)
+
+    def holds(self, checkpoint: dict) -> bool:
+        """Whether ``checkpoint`` holds the state written to ``path`` (still that file)."""
+        if _identity(self.path) != self.stat or not _same(self.values, _plain(checkpoint)):
+            return False
+        old, new = self.tensors, _tensors(checkpoint)
+        return len(old) == len(new) and all(
+            a.dtype == b.dtype
+            and a.shape == b.shape
+            and a.device == b.device
+            and (
+                a._version == version == b._version and _same_memory(a, b)
+                if a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
+                else torch.equal(a, b)
+            )
+            for a, b, version in zip(old, new, self.versions, strict=True)
+        )
+
+
+def _identity(path: Path) -> tuple | None:
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_dev, st.st_size, st.st_mtime_ns
+
+
+def _same_memory(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.storage_offset() == b.storage_offset() and a.stride() == b.stride()
+
+
+def _tensors(obj) -> list[torch.Tensor]:
+    if isinstance(obj, torch.Tensor):
+        return [obj]
+    if isinstance(obj, dict):
+        return [t for v in obj.values() for t in _tensors(v)]
+    if isinstance(obj, (list, tuple)):
+        return [t for v in obj for t in _tensors(v)]
+    return []
+
+
+class _Tensor:
+    """A tensor's place in ``_plain``."""
+
+
+def _plain(obj):
+    """``obj`` with its containers copied and its tensors replaced by ``_Tensor``."""
+    if isinstance(obj, torch.Tensor):
+        return _Tensor
+    if isinstance(obj, dict):
+        return {k: _plain(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_plain(v) for v in obj) if type(obj) in (list, tuple) else obj
+    return copy.deepcopy(obj)
+
+
+def _same(a, b) -> bool:
+    """Equal plain values (``_plain``)."""
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    try:
+        return bool(a == b)
+    except Exception:  # an object without a plain equality (a numpy array): not the same
+        return False
 
 
 class RunCheckpoint(ModelCheckpoint):
@@ -55,12 +155,23 @@ class RunCheckpoint(ModelCheckpoint):
       kept ones (Lightning keeps that one forever);
     - a run killed after writing a step's checkpoint but before its ``last.ckpt`` resumes from
       the step's file; ``last.ckpt`` (what export, eval and fine-tuning read) is brought up to
-      that file, byte for byte, before training goes on, so it is never left behind, not even
-      when the resumed step is the final one and nothing more is saved.
+      that file (a hard link of it) before training goes on, so it is never left behind, not even
+      when the resumed step is the final one and nothing more is saved;
+    - the first step's file already names ``last.ckpt`` as the last checkpoint, so that it
+      holds the same state as the ``last.ckpt`` saved with it (and is written once).
     """
 
     _step_at_batch_start: int | None = None
     _mid_step = False
+
+    def _save_topk_checkpoint(self, trainer, monitor_candidates) -> None:
+        if self.save_last is True and not self.last_model_path and self.dirpath:
+            # the step's file names last.ckpt already, as last.ckpt's own state does: the two
+            # hold one state, which AtomicCheckpointIO then writes once
+            self.last_model_path = self.format_checkpoint_name(
+                monitor_candidates, self.CHECKPOINT_NAME_LAST
+            )
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
 
     def on_train_start(self, trainer, pl_module) -> None:
         super().on_train_start(trainer, pl_module)
@@ -82,7 +193,7 @@ class RunCheckpoint(ModelCheckpoint):
 
         step = checkpoint_step(last, verify=False) if last.is_file() else None
         if step is None or step < (checkpoint_step(resumed, verify=False) or 0):
-            atomic_copy(resumed, last)
+            atomic_link(resumed, last)
             self.last_model_path = str(last)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:

@@ -69,6 +69,17 @@ OmegaConf.register_new_resolver("lmforge_run_name", default_run_name, replace=Tr
 OmegaConf.register_new_resolver("lmforge_run_dir", run_dir, replace=True)
 
 
+def rank_suffix() -> str:
+    """``_rank<N>`` in a process that torchrun or SLURM started as global rank N > 0, else
+    nothing: the run's log file of each rank (``train_rank1.log``), so the ranks do not write
+    into one ``train.log``. (The ranks Lightning's launcher starts get their own job name.)"""
+    rank = os.environ.get("RANK") or os.environ.get("SLURM_PROCID") or "0"
+    return "" if rank == "0" else f"_rank{rank}"
+
+
+OmegaConf.register_new_resolver("lmforge_rank_suffix", rank_suffix, replace=True)
+
+
 def help_value(key: str, *, _root_: DictConfig) -> str:
     """``--help``: a key's value in the composition the command would run, as YAML writes it;
     ``-`` where the composition has no such key."""

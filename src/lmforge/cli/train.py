@@ -70,6 +70,7 @@ def train(cfg: DictConfig) -> dict:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lmforge.callbacks.checkpointing import AtomicCheckpointIO, Preempted
+    from lmforge.callbacks.progress import summary_without_flops
     from lmforge.callbacks.validation import LastStepValidation
     from lmforge.loggers import trim_metrics
     from lmforge.signals import EXIT_REQUEUE
@@ -94,6 +95,7 @@ def train(cfg: DictConfig) -> dict:
         use_distributed_sampler=False,
         **recipe.trainer_args,
     )
+    summary_without_flops(trainer)  # Lightning's counts no FLOPs of our modules: "Total FLOPs: 0"
     refuse_multirun_with_ranks(trainer.world_size)
     batch = global_batch(trainer, recipe)
     if not isinstance(trainer.strategy, ModelParallelStrategy):  # that one stages its own writes
@@ -139,8 +141,19 @@ def train(cfg: DictConfig) -> dict:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 logger.experiment.finish()
     if trainer.is_global_zero:
-        report(trainer, metrics, out_dir)
+        report(trainer, metrics, out_dir, data=_eval_data(run))
     return metrics
+
+
+def _eval_data(run: Run) -> str | None:
+    """The data config lmforge-eval reads the run's prepared splits with: token data only."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmforge.data.config import DataConfig
+
+    if not isinstance(run.data, DataConfig) or not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("data")
 
 
 def scalars(metrics: dict) -> dict[str, float]:
