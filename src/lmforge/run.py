@@ -385,6 +385,18 @@ def global_batch(trainer, recipe) -> dict[str, int]:
     }
 
 
+def eval_data_choice(data) -> str | None:
+    """The ``data=`` choice with which lmforge-eval reads a run's prepared splits: the run's own,
+    for token data (a ``DataConfig``); None for example data (labelled texts, instructions, ...)."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lmforge.data.config import DataConfig
+
+    if not isinstance(data, DataConfig) or not HydraConfig.initialized():
+        return None
+    return HydraConfig.get().runtime.choices.get("data")
+
+
 def next_commands(hparams: dict, ckpt: str, name: str, data: str | None = None) -> list[str]:
     """The commands that take a run's checkpoint ``ckpt`` next, decided as their loaders decide
     (``lmforge.checkpoint``): none for a classifier, lmforge-score and lmforge-export for a reward

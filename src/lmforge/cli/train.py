@@ -22,6 +22,7 @@ from lmforge.errors import LMForgeError
 from lmforge.run import (
     check_resumable,
     check_run_settings,
+    eval_data_choice,
     global_batch,
     holds_run_dir,
     refuse_multirun_with_ranks,
@@ -141,19 +142,8 @@ def train(cfg: DictConfig) -> dict:
             if isinstance(logger, WandbLogger) and logger._experiment is not None:
                 logger.experiment.finish()
     if trainer.is_global_zero:
-        report(trainer, metrics, out_dir, data=_eval_data(run))
+        report(trainer, metrics, out_dir, data=eval_data_choice(run.data))
     return metrics
-
-
-def _eval_data(run: Run) -> str | None:
-    """The data config lmforge-eval reads the run's prepared splits with: token data only."""
-    from hydra.core.hydra_config import HydraConfig
-
-    from lmforge.data.config import DataConfig
-
-    if not isinstance(run.data, DataConfig) or not HydraConfig.initialized():
-        return None
-    return HydraConfig.get().runtime.choices.get("data")
 
 
 def scalars(metrics: dict) -> dict[str, float]:
