@@ -261,6 +261,14 @@ class Loaded:
     tokenizer_settings: TokenizerSettings | None = None
 
 
+def checkpoint_kind(hparams: dict) -> str:
+    """What a checkpoint of ours holds, as its hyperparameters record it: ``classifier`` (it
+    saved its ``labels``), ``reward`` (a reward model), else ``lm`` (a language model)."""
+    if "labels" in hparams:
+        return "classifier"
+    return "reward" if hparams.get("reward") else "lm"
+
+
 def checkpoint_family(hparams: dict) -> str:
     """The family a checkpoint of ours records. Checkpoints written before families were
     recorded hold none: there a masked-LM task (it saved its ``masking``) meant a BERT, a
@@ -305,9 +313,10 @@ def _load_ours(path: Path) -> Loaded:
     hparams = ckpt.get("hyper_parameters", {})
     if "model" not in hparams or "state_dict" not in ckpt:
         raise LMForgeError(f"{path} is not a checkpoint of lmforge-train (no model config)")
-    if "labels" in hparams:
+    kind = checkpoint_kind(hparams)
+    if kind == "classifier":
         raise LMForgeError(f"checkpoint {path} is a classifier, not a language model")
-    if hparams.get("reward"):
+    if kind == "reward":
         raise LMForgeError(
             f"checkpoint {path} is a reward model, not a language model: score texts with"
             " lmforge-score, or start a fine-tune from the checkpoint it was trained from"
@@ -353,7 +362,7 @@ def is_reward_model(source: str | Path) -> bool:
     path = Path(source)
     if not (path.is_file() or (path.is_dir() and not (path / "config.json").is_file())):
         return False
-    return bool(load_checkpoint(path).get("hyper_parameters", {}).get("reward"))
+    return checkpoint_kind(load_checkpoint(path).get("hyper_parameters", {})) == "reward"
 
 
 def load_reward_model(source: str | Path, device: str | torch.device = "cpu"):
@@ -365,7 +374,7 @@ def load_reward_model(source: str | Path, device: str | torch.device = "cpu"):
     path = Path(source)
     ckpt = load_checkpoint(path)
     hparams = ckpt.get("hyper_parameters", {})
-    if not hparams.get("reward"):
+    if checkpoint_kind(hparams) != "reward":
         raise LMForgeError(
             f"{path} is not a reward model: train one with lmforge-train experiment=rm_gpt"
             " (task=reward), or pass its checkpoint"

@@ -404,14 +404,15 @@ def next_commands(hparams: dict, ckpt: str, name: str, data: str | None = None) 
     causal LM) lmforge-generate and lmforge-eval (on the run's data config ``data``) first."""
     import shlex
 
-    from lmforge.checkpoint import checkpoint_family
+    from lmforge.checkpoint import checkpoint_family, checkpoint_kind
     from lmforge.models.registry import family as get_family
 
     export = f"lmforge-export {shlex.quote(ckpt)} {shlex.quote(f'exports/{name}')}"
     given = shlex.quote(f"ckpt_path={ckpt}")
-    if "labels" in hparams:
+    kind = checkpoint_kind(hparams)
+    if kind == "classifier":
         return []
-    if hparams.get("reward"):
+    if kind == "reward":
         return [f"lmforge-score {given} input=records.jsonl out=scored.jsonl", export]
     if not get_family(checkpoint_family(hparams)).causal:
         return [export]
