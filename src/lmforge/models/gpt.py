@@ -333,8 +333,10 @@ class GPT(nn.Module):
             if cache is not None and cache.seq_len + next_input.size(1) > self.config.block_size:
                 cache = KVCache()
                 next_input = idx[:, -self.config.block_size :]
-            # forward, not __call__: a compiled model would recompile for every new length
-            logits = self.forward(next_input, cache=cache)[:, -1, :].float()  # (B, vocab_size)
+            # hidden, not __call__: a compiled model would recompile for every new length;
+            # the head runs on the last position only, the one sampled from
+            hidden = self.hidden(next_input, cache=cache)[:, -1:]
+            logits = self.lm_logits(hidden)[:, -1].float()  # (B, vocab_size)
             if temperature == 0 and repetition_penalty == 1.0:
                 nxt = logits.argmax(dim=-1, keepdim=True)
             else:
