@@ -1,11 +1,14 @@
 """The modded-nanogpt speedrun's options of our GPT: squared-ReLU MLP, zero-initialised output
-projections, logit soft-capping, QK-norm, an untied head."""
+projections, logit soft-capping, QK-norm, an untied head; and the exports that refuse them."""
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from lmforge.models.gpt import GPT, GPTConfig
+from lmforge.errors import LMForgeError
+from lmforge.interop.hf_gpt2 import export_hf_gpt2
+from lmforge.interop.hf_llama import export_hf_llama
+from lmforge.models.gpt import GPT, GPTConfig, LlamaConfig, Qwen3Config
 
 
 def nano(**kw) -> GPTConfig:
@@ -139,3 +142,33 @@ def test_qk_norm_gives_each_head_unit_rms_times_the_weight(pos_emb, monkeypatch)
         seen.clear()
         GPT(nano(pos_emb=pos_emb)).eval()(tokens())  # without QK-norm the RMS is far from 1
         assert all((q.pow(2).mean(-1).sqrt() - 1).abs().min() > 0.5 for q, _ in seen)
+
+
+SMALL = {"vocab_size": 64, "block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16}
+
+
+@pytest.mark.parametrize(
+    ("config", "export", "needle"),
+    [
+        (GPTConfig(**SMALL, mlp="relu2"), export_hf_gpt2, "mlp=relu2 (no transformers"),
+        (
+            GPTConfig(**SMALL, logit_softcap=15),
+            export_hf_gpt2,
+            "logit_softcap=15.0 (GPT-2 does not soft-cap its logits",
+        ),
+        (GPTConfig(**SMALL, qk_norm=True), export_hf_gpt2, "qk_norm=True (GPT-2 has False"),
+        (LlamaConfig(**SMALL, mlp="relu2"), export_hf_llama, "mlp=relu2 (LlamaForCausalLM has"),
+        (
+            Qwen3Config(**SMALL, logit_softcap=30),
+            export_hf_llama,
+            "logit_softcap=30.0 (Qwen3ForCausalLM does not soft-cap its logits",
+        ),
+    ],
+)
+def test_export_refuses_speedrun_options_transformers_cannot_compute(
+    config, export, needle, tmp_path
+):
+    with pytest.raises(LMForgeError) as e:
+        export(GPT(config), tmp_path / "out")
+    assert needle in str(e.value) and "\n" not in str(e.value)
+    assert not (tmp_path / "out").exists()
