@@ -185,6 +185,7 @@ def test_every_experiment_runs_fast_dev_run(experiment, tmp_path, tmp_path_facto
         ("task.on_nonfinite=maybe", "task.on_nonfinite"),
         ("task=classification", "task=classification trains on labelled texts"),
         ("task.lora.rank=2", "task.lora"),
+        ("model.logit_softcap=-1", "GPTConfig.logit_softcap must be positive or null"),
     ],
 )
 def test_invalid_override_fails_naming_the_key(override, needle, train_cfg, tmp_path):

@@ -73,6 +73,15 @@ def config_to_hf(c: GPTConfig) -> dict:
         why.append(f"pos_emb={c.pos_emb} (GPT-2 has learned position embeddings)")
     if not c.bias:
         why.append("bias=false (GPT-2 has biases in every linear layer and LayerNorm)")
+    if c.mlp == "relu2":
+        why.append(
+            "mlp=relu2 (no transformers architecture lmforge exports to has a squared-ReLU MLP)"
+        )
+    if c.logit_softcap is not None:
+        why.append(
+            f"logit_softcap={c.logit_softcap} (GPT-2 does not soft-cap its logits;"
+            " export a model trained without it)"
+        )
     for key, gpt2 in (
         ("norm", "layernorm"),
         ("mlp", "gelu"),
@@ -83,7 +92,7 @@ def config_to_hf(c: GPTConfig) -> dict:
         ("sliding_window", None),
         ("rope_scaling", None),
     ):
-        if getattr(c, key) != gpt2:
+        if getattr(c, key) != gpt2 and not (key == "mlp" and c.mlp == "relu2"):
             why.append(f"{key}={getattr(c, key)} (GPT-2 has {gpt2}; export a Llama-family config)")
     if why:
         raise LMForgeError(

@@ -119,6 +119,11 @@ def config_to_hf(c: GPTConfig, kind: str) -> dict:
             why.append(f"{key}={getattr(c, key)} ({ARCHITECTURES[kind]} has {want})")
     if c.bias:
         why.append("bias=true (only Qwen2 has biases, on q/k/v: qkv_bias=true)")
+    if c.logit_softcap is not None:
+        why.append(
+            f"logit_softcap={c.logit_softcap} ({ARCHITECTURES[kind]} does not soft-cap its logits;"
+            " export a model trained without it)"
+        )
     if c.qkv_bias != (kind == "qwen2"):
         why.append(
             f"qkv_bias={str(c.qkv_bias).lower()} (q/k/v biases are Qwen2's: lmforge.models.gpt.Qwen2Config)"

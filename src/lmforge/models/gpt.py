@@ -5,7 +5,9 @@ modern decoders are options of the same model, set by typed fields: rotary posit
 Llama 3's scaling), RMSNorm, a SwiGLU MLP of its own width, grouped-query attention, q/k/v
 biases, QK-norm, a sliding window. ``LlamaConfig``, ``MistralConfig``, ``Qwen2Config`` and
 ``Qwen3Config`` are those options' defaults for each family (``models/registry.py``); the model
-is this one ``GPT``.
+is this one ``GPT``. The modded-nanogpt speedrun's recipe is options too: a squared-ReLU MLP
+(``mlp=relu2``), zero-initialised block output projections (``zero_init_proj``), tanh logit
+soft-capping (``logit_softcap``), QK-norm (``qk_norm``) and an untied head (``tie_weights``).
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ class GPTConfig:
     tie_weights: bool = True  # lm_head shares the token embedding
     pad_vocab_multiple: int = 64  # embedding rows padded to a multiple of this (fast matmuls)
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
-    mlp: str = "gelu"  # "gelu" (GPT-2) or "swiglu" (Llama: proj(silu(gate) * up))
+    # "gelu" (GPT-2), "swiglu" (Llama: proj(silu(gate) * up)) or "relu2" (proj(relu(fc(x))**2))
+    mlp: str = "gelu"
     intermediate_size: int | None = None  # MLP hidden width; null: mlp_ratio * n_embd
     n_kv_head: int | None = None  # key/value heads; null: n_head; fewer: grouped-query; 1: MQA
     head_dim: int | None = None  # width of a head; null: n_embd // n_head
@@ -50,6 +53,8 @@ class GPTConfig:
     # Llama 3 rotary scaling: {factor, low_freq_factor, high_freq_factor,
     # original_max_position_embeddings}; null: none
     rope_scaling: dict[str, float] | None = None
+    zero_init_proj: bool = False  # attn.proj and mlp.proj start at zero: each block the identity
+    logit_softcap: float | None = None  # logits = cap * tanh(logits / cap) (Gemma 2); null: none
     padded_vocab_size: int = field(init=False)
 
     def __post_init__(self) -> None:
@@ -64,7 +69,7 @@ class GPTConfig:
         for key, allowed in (
             ("pos_emb", ("learned", "rotary")),
             ("norm", ("layernorm", "rmsnorm")),
-            ("mlp", ("gelu", "swiglu")),
+            ("mlp", ("gelu", "swiglu", "relu2")),
         ):
             if getattr(self, key) not in allowed:
                 raise ValueError(
@@ -82,6 +87,12 @@ class GPTConfig:
             raise ValueError(
                 f"{name}.n_head ({self.n_head}) must be a multiple of n_kv_head ({self.n_kv_head})"
             )
+        if self.logit_softcap is not None:
+            if not self.logit_softcap > 0:
+                raise ValueError(
+                    f"{name}.logit_softcap must be positive or null, got {self.logit_softcap}"
+                )
+            self.logit_softcap = float(self.logit_softcap)
         if self.rope_scaling is not None:
             keys = {
                 "factor",
@@ -131,7 +142,7 @@ class Block(nn.Module):
             config.dropout,
             config.bias,
             config.gelu_approximate,
-            gated=config.mlp == "swiglu",
+            kind=config.mlp,
         )
 
     def forward(
@@ -173,8 +184,9 @@ class GPT(nn.Module):
         self.tie_weights()
 
     def reset_parameters(self) -> None:
-        """GPT-2 initialisation (``layers.init_weights``)."""
-        init_weights(self, self.config.n_layer)
+        """GPT-2 initialisation (``layers.init_weights``); with ``zero_init_proj`` the blocks'
+        output projections start at zero."""
+        init_weights(self, self.config.n_layer, zero_proj=self.config.zero_init_proj)
 
     def reset_buffers(self) -> None:
         """Compute the rotary tables (not saved in checkpoints): at construction, and again after
@@ -223,10 +235,15 @@ class GPT(nn.Module):
         self, hidden: torch.Tensor, positions: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Next-token logits of hidden states (B, T, n_embd); with a boolean ``positions`` (B, T)
-        only there: (N, vocab_size)."""
+        only there: (N, vocab_size). With ``logit_softcap`` they are ``cap * tanh(logits / cap)``,
+        in float32."""
         if positions is not None:
             hidden = hidden[positions]
-        return self.lm_head(hidden)[..., : self.config.vocab_size]  # padded rows dropped
+        logits = self.lm_head(hidden)[..., : self.config.vocab_size]  # padded rows dropped
+        cap = self.config.logit_softcap
+        if cap is not None:
+            logits = cap * torch.tanh(logits.float() / cap)
+        return logits
 
     def sequence_features(
         self, hidden: torch.Tensor, attention_mask: torch.Tensor | None = None

@@ -175,8 +175,16 @@ class Attention(nn.Module):
         return self.resid_dropout(self.proj(y))
 
 
+class ReLUSquared(nn.Module):
+    """relu(x) ** 2, the activation of Primer and the modded-nanogpt speedrun."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x).square()
+
+
 class MLP(nn.Module):
-    """Two linear layers with a GELU between them, 4x wide by default; with ``gated`` a SwiGLU
+    """Two linear layers with an activation between them, 4x wide by default. ``kind``:
+    "gelu" (GPT-2, BERT); "relu2": ``proj(relu(fc(x)) ** 2)`` (modded-nanogpt); "swiglu"
     (Llama): ``fc`` holds the gate and the up projection side by side (2 * hidden rows) and the
     block computes ``proj(silu(gate) * up)``."""
 
@@ -187,12 +195,19 @@ class MLP(nn.Module):
         dropout: float = 0.0,
         bias: bool = True,
         approximate: str = "none",
-        gated: bool = False,
+        kind: str = "gelu",
     ) -> None:
         super().__init__()
-        self.gated = gated
-        self.fc = nn.Linear(n_embd, 2 * hidden if gated else hidden, bias=bias)
-        self.act = nn.SiLU() if gated else nn.GELU(approximate=approximate)
+        self.gated = kind == "swiglu"
+        self.fc = nn.Linear(n_embd, 2 * hidden if self.gated else hidden, bias=bias)
+        if kind == "gelu":
+            self.act = nn.GELU(approximate=approximate)
+        elif kind == "relu2":
+            self.act = ReLUSquared()
+        elif kind == "swiglu":
+            self.act = nn.SiLU()
+        else:
+            raise ValueError(f"MLP kind must be gelu, relu2 or swiglu, got {kind!r}")
         self.proj = nn.Linear(hidden, n_embd, bias=bias)
         self.dropout = nn.Dropout(dropout)
 
@@ -228,10 +243,13 @@ def check_config(config, positive: tuple[str, ...], head_dim: int | None = None)
     config.head_dim = head_dim or config.n_embd // config.n_head
 
 
-def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
+def init_weights(
+    model: nn.Module, n_layer: int, std: float = 0.02, zero_proj: bool = False
+) -> None:
     """GPT-2 / BERT initialisation: linear and embedding weights normal(0, std), biases zero,
     norms one; the residual projections of each block (``attn.proj``, ``mlp.proj``) scaled by
-    1/sqrt(2 * n_layer)."""
+    1/sqrt(2 * n_layer), or zero with ``zero_proj`` (each block starts as the identity, as in
+    the modded-nanogpt speedrun)."""
     for module in model.modules():
         if isinstance(module, nn.Linear | nn.Embedding):
             nn.init.normal_(module.weight, mean=0.0, std=std)
@@ -243,4 +261,7 @@ def init_weights(model: nn.Module, n_layer: int, std: float = 0.02) -> None:
                 nn.init.zeros_(module.bias)
     for block in model.blocks:
         for proj in (block.attn.proj, block.mlp.proj):
-            nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
+            if zero_proj:
+                nn.init.zeros_(proj.weight)
+            else:
+                nn.init.normal_(proj.weight, mean=0.0, std=std / math.sqrt(2 * n_layer))
