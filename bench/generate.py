@@ -83,5 +83,6 @@ def main() -> None:
         f" position ({naive:.2f}x over the head on every position); same tokens: {same}"
     )
 
+
 if __name__ == "__main__":
     main()

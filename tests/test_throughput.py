@@ -1,3 +1,4 @@
+import time
 import lightning as L
 import pytest
 
@@ -118,3 +119,44 @@ def test_callback_reports_tokens_per_second_without_mfu_on_cpu(train_cfg):
 def test_callback_defaults():
     cb = Throughput()
     assert cb.peak is None and cb.every == 10
+
+
+class SlowValidation(L.Callback):
+    """A validation that takes at least a second more than it computes."""
+
+    starts: list[float] = []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if batch_idx == 0:
+            SlowValidation.starts.append(time.perf_counter())
+            time.sleep(1.0)
+
+
+def test_training_seconds_leave_validations_out_and_place_the_curve(train_cfg):
+    import csv
+    from pathlib import Path
+
+    from lmforge.cli.plot import read_run
+    from lmforge.cli.train import train
+
+    cfg = train_cfg(
+        "trainer.max_steps=12",
+        "trainer.val_check_interval=4",
+        "logger=csv",
+        "callbacks.text_samples=null",
+        f"+callbacks.slow._target_={__name__}.SlowValidation",
+    )
+    SlowValidation.starts = []
+    train(cfg)
+    run = Path(cfg.paths.output_dir)
+    with open(run / "csv" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    at_val = {int(r["step"]): float(r["perf/train_s"]) for r in rows if r.get("perf/train_s")}
+    val_steps = [int(r["step"]) for r in rows if r.get("val/loss")]
+    assert val_steps == [3, 7, 11] and set(val_steps) <= set(at_val)
+    seconds = [at_val[s] for s in val_steps]
+    assert 0 < seconds[0] < seconds[1] < seconds[2]
+    first, _, last = SlowValidation.starts
+    assert seconds[2] - seconds[0] < last - first - 2.0  # two slow validations between them
+    curve = read_run(run)["val/loss@time"]  # lmforge-plot --x time
+    assert [x for x, _ in curve] == pytest.approx(seconds)

@@ -196,3 +196,19 @@ def test_next_commands_follow_what_the_checkpoint_holds():
     reward = next_commands(gpt | {"reward": True}, "c.ckpt", "r")
     assert [c.split()[0] for c in reward] == ["lmforge-score", "lmforge-export"]
     assert next_commands(gpt | {"labels": ["neg", "pos"]}, "c.ckpt", "r") == []
+
+
+@pytest.mark.parametrize(
+    ("overrides", "multiple"),
+    [
+        ((), 1),  # trainer=cpu: padded rows would only be more work
+        (("trainer.accelerator=gpu",), 64),  # whole tiles for the output matmul
+        (("trainer.accelerator=gpu", "model.pad_vocab_multiple=8"), 8),  # set by the user
+    ],
+)
+def test_vocabulary_padding_follows_the_device(train_cfg, overrides, multiple):
+    from lmforge.cli.train import validate
+
+    run = validate(train_cfg("model.vocab_size=65", *overrides))
+    assert run.model.pad_vocab_multiple == multiple
+    assert run.model.padded_vocab_size == -(-65 // multiple) * multiple

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, open_dict
 
 from lmforge.config import build
 from lmforge.errors import LMForgeError
@@ -149,6 +149,23 @@ def check_run_settings(cfg: DictConfig) -> TrainerSettings:
             wandb_mode(node.get("mode", "auto"))  # raises on an unknown mode
             wandb_log_model(node.get("log_model", False))
     return settings
+
+
+def pad_vocab_for_device(cfg: DictConfig) -> None:
+    """Set a null ``model.pad_vocab_multiple`` for the device the run trains on: 64 on a GPU
+    (the output matmul in whole tiles), none on a CPU, where the padded rows are only more work
+    (3% a step on nanoGPT's 65-character model, padded to 128 rows)."""
+    if "pad_vocab_multiple" not in cfg.model or cfg.model.pad_vocab_multiple is not None:
+        return
+    accelerator = str(cfg.trainer.get("accelerator", "auto"))
+    if accelerator == "auto":
+        import torch
+
+        on_cpu = not torch.cuda.is_available()
+    else:
+        on_cpu = accelerator == "cpu"
+    with open_dict(cfg):
+        cfg.model.pad_vocab_multiple = 1 if on_cpu else 64
 
 
 def pretraining_model(run, tok_vocab: int):

@@ -9,6 +9,11 @@ the table does not know, tokens/s are still reported, MFU is not, and the reason
 Step time is measured between the starts of consecutive optimizer steps (no synchronisation is
 added inside the step: the GPU queue is drained once per logging interval), and the time spent
 waiting for the data loader is measured as the gap between a step's end and the next batch.
+An interval that a validation interrupts starts again after it.
+
+``perf/train_s`` is the wall time the run has spent training, validations left out and carried
+across a resume: logged with the throughput and at each validation, it is the x-axis of
+``lmforge-plot --x time`` (the loss a run reaches in a given time).
 """
 
 from __future__ import annotations
@@ -75,6 +80,8 @@ class Throughput(L.Callback):
         self.peak: float | None = None
         self.flops_per_token = 0.0
         self.progress_bar_metrics: dict[str, float] = {}  # shown by lmforge's ProgressBar
+        self.train_s = 0.0  # training wall time so far, validations left out
+        self.mark: float | None = None  # when the current stretch of training began
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
@@ -109,6 +116,41 @@ class Throughput(L.Callback):
         self.wait = 0.0
         self.last_end: float | None = None
         self.steps = 0
+
+    def state_dict(self) -> dict:
+        return {"train_s": self.train_s}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.train_s = state_dict.get("train_s", 0.0)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.mark = time.perf_counter()
+
+    def _train_seconds(self, trainer) -> float:
+        if self.mark is not None:
+            if trainer.strategy.root_device.type == "cuda":
+                torch.cuda.synchronize()
+            now = time.perf_counter()
+            self.train_s += now - self.mark
+            self.mark = now
+        return self.train_s
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or self.mark is None:
+            return
+        seconds = self._train_seconds(trainer)
+        self.mark = None
+        for logger in trainer.loggers:
+            logger.log_metrics({"perf/train_s": seconds}, step=trainer.global_step - 1)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
+            return
+        self.mark = time.perf_counter()
+        warm = self.t0 is not None
+        self._reset()  # the interval the validation interrupted starts again
+        if warm:
+            self.t0 = self.mark
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if isinstance(batch, dict) and not any(k.endswith("input_ids") for k in batch):
@@ -147,6 +189,7 @@ class Throughput(L.Callback):
             "perf/samples_per_s": self.samples * world / seconds,
             "perf/step_ms": 1000 * seconds / self.steps,
             "perf/data_wait_frac": self.wait / seconds,
+            "perf/train_s": self._train_seconds(trainer),
         }
         if self.peak:
             metrics["perf/mfu"] = mfu(self.flops_per_token, self.tokens, seconds, self.peak)

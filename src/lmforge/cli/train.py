@@ -25,6 +25,7 @@ from lmforge.run import (
     eval_data_choice,
     global_batch,
     holds_run_dir,
+    pad_vocab_for_device,
     refuse_multirun_with_ranks,
     report,
     resume_from,
@@ -47,6 +48,7 @@ def validate(cfg: DictConfig) -> Run:
     data = build(cfg.data, "data")
     task.check_data(data)
     # A null vocab_size is the tokenizer's, known once the data is prepared (recipe)
+    pad_vocab_for_device(cfg)
     vocab = {"vocab_size": cfg.model.vocab_size or 1} if "vocab_size" in cfg.model else {}
     model = build(cfg.model, "model", **vocab)
     task.check_model(model)

@@ -34,7 +34,7 @@ class BertConfig:
     )
     ln_eps: float = 1e-12
     gelu_approximate: str = "none"  # BERT uses the exact erf GELU
-    pad_vocab_multiple: int = 64
+    pad_vocab_multiple: int | None = 64  # as GPTConfig's
     padded_vocab_size: int = field(init=False)
     head_dim: int = field(init=False)
 

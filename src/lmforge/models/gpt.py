@@ -40,7 +40,9 @@ class GPTConfig:
     gelu_approximate: str = "tanh"  # "tanh" is GPT-2's gelu_new; "none" is the exact erf GELU
     ln_eps: float = 1e-5  # epsilon of every LayerNorm / RMSNorm
     tie_weights: bool = True  # lm_head shares the token embedding
-    pad_vocab_multiple: int = 64  # embedding rows padded to a multiple of this (fast matmuls)
+    # embedding rows padded to a multiple of this (whole tiles for GPU matmuls); null: none
+    # (lmforge-train sets a null one for the device: 64 on a GPU, none on a CPU)
+    pad_vocab_multiple: int | None = 64
     norm: str = "layernorm"  # "layernorm" (GPT-2) or "rmsnorm" (Llama)
     # "gelu" (GPT-2), "swiglu" (Llama: proj(silu(gate) * up)) or "relu2" (proj(relu(fc(x))**2))
     mlp: str = "gelu"
