@@ -250,3 +250,39 @@ def test_muon_is_refused_under_fsdp_and_wsd_keys_compose(train_cfg):
     check_run_settings(train_cfg("trainer=ddp_cpu", "task/optim=muon"))  # full gradients: fine
     cfg = train_cfg("task.optim.schedule=wsd", "task.optim.decay_shape=1-sqrt")
     assert (cfg.task.optim.schedule, cfg.task.optim.decay_shape) == ("wsd", "1-sqrt")
+
+
+def test_a_resumed_muon_run_continues_bitwise(train_cfg, tmp_path):
+    """Lightning saves and restores the one optimizer (both halves) and the schedule."""
+    from pathlib import Path
+
+    from lmforge.checkpoint import load_checkpoint
+    from lmforge.cli.train import train
+
+    def run(steps: int, *more: str):
+        return train_cfg(
+            "task/optim=muon",
+            "task.optim.warmup_steps=2",
+            "task.optim.decay_steps=6",  # the same schedule however many steps a run takes
+            "run_name=r",
+            "logger=none",
+            "callbacks.text_samples=null",
+            "trainer.limit_val_batches=0",
+            "callbacks.periodic_checkpoint.every_n_train_steps=3",
+            f"trainer.max_steps={steps}",
+            *more,
+        )
+
+    train(run(3))
+    resumed = run(6, "resume=auto")
+    train(resumed)
+    reference = run(6)
+    reference.paths.output_dir = str(tmp_path / "reference")
+    train(reference)
+    a, b = (
+        load_checkpoint(Path(c.paths.output_dir) / "checkpoints" / "last.ckpt")
+        for c in (resumed, reference)
+    )
+    assert a["global_step"] == b["global_step"] == 6
+    for key, value in b["state_dict"].items():
+        assert torch.equal(a["state_dict"][key], value), key
