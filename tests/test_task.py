@@ -286,3 +286,20 @@ def test_a_resumed_muon_run_continues_bitwise(train_cfg, tmp_path):
     assert a["global_step"] == b["global_step"] == 6
     for key, value in b["state_dict"].items():
         assert torch.equal(a["state_dict"][key], value), key
+
+
+def test_muon_trains_lora_adapters_of_the_block_matrices():
+    from lmforge.models.lora import LoRAConfig
+
+    task = muon_task()
+    LoRAConfig(rank=2).apply(task.model)  # freezes the weights, adds trainable adapters
+    task.total_steps = lambda: 10
+    opt = task.configure_optimizers()["optimizer"]
+    muon = opt.param_groups[0]["params"]
+    adapters = [p for n, p in task.named_parameters() if "lora_" in n]
+    assert {id(p) for p in muon} == {id(p) for p in adapters} and adapters
+    for p in adapters:
+        p.grad = torch.randn_like(p)
+    before = [p.detach().clone() for p in adapters]
+    opt.step()
+    assert all(not torch.equal(b, p) for b, p in zip(before, adapters, strict=True))
