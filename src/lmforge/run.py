@@ -136,7 +136,8 @@ def lightning_precisions() -> list[str]:
 
 def check_run_settings(cfg: DictConfig) -> TrainerSettings:
     """Check the run-level settings the runner hands to Lightning and the loggers: ``seed``, the
-    keys of :class:`TrainerSettings`, and the W&B mode. Raises LMForgeError naming the key."""
+    keys of :class:`TrainerSettings`, the W&B mode, and that the strategy can run the optimizer.
+    Raises LMForgeError naming the key."""
     from lmforge.loggers import wandb_log_model, wandb_mode
 
     seed = cfg.get("seed")
@@ -144,6 +145,13 @@ def check_run_settings(cfg: DictConfig) -> TrainerSettings:
         raise LMForgeError(f"seed={seed!r}: use a whole number from 0 to {2**32 - 1}")
     keys = TrainerSettings.__dataclass_fields__.keys() & cfg.trainer.keys()
     settings = build({k: cfg.trainer[k] for k in keys}, "trainer", TrainerSettings)
+    strategy = cfg.trainer.get("strategy")
+    target = strategy.get("_target_", "") if isinstance(strategy, DictConfig) else str(strategy)
+    if "fsdp" in target.lower() and cfg.get("task", {}).get("optim", {}).get("optimizer") == "muon":
+        raise LMForgeError(
+            "task.optim.optimizer=muon cannot run with trainer=fsdp: Muon orthogonalises whole"
+            " matrices and FSDP shards them; use trainer=ddp, or task/optim=adamw"
+        )
     for node in (cfg.get("logger") or {}).values():
         if isinstance(node, DictConfig) and node.get("_target_") == "lmforge.loggers.wandb_logger":
             wandb_mode(node.get("mode", "auto"))  # raises on an unknown mode

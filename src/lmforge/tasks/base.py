@@ -18,6 +18,7 @@ from lmforge.errors import LMForgeError
 from lmforge.models.registry import family as get_family
 from lmforge.models.registry import family_of
 from lmforge.tasks.config import TaskConfig
+from lmforge.tasks.muon import MuonWithAdamW
 from lmforge.tasks.optim import lr_at
 
 
@@ -324,24 +325,41 @@ class LMTask(L.LightningModule):
         return due or trainer.should_stop or bool(trainer.fast_dev_run)
 
     def param_groups(self) -> list[dict]:
-        """Weight decay for matrices (embeddings as ``decay_embeddings`` says); none for biases and norms."""
+        """Weight decay for matrices (embeddings as ``decay_embeddings`` says); none for biases and norms.
+
+        With ``optimizer=muon`` the 2-D weights inside ``model.blocks`` (attention and MLP
+        matrices, LoRA adapters of those) form a first group marked ``use_muon``, at ``muon_lr``.
+        """
+        c = self.optim
         embeddings = {id(m.weight) for m in self.modules() if isinstance(m, torch.nn.Embedding)}
-        decay, no_decay = [], []
+        hidden = set()
+        if c.optimizer == "muon":
+            hidden = {id(p) for p in self.model.blocks.parameters() if p.dim() == 2}
+        muon, decay, no_decay = [], [], []
         for _, p in self.named_parameters():  # the model and any head; tied weights appear once
             if p.requires_grad:
-                is_matrix = p.dim() >= 2 and (
-                    self.optim.decay_embeddings or id(p) not in embeddings
-                )
-                (decay if is_matrix else no_decay).append(p)
+                is_matrix = p.dim() >= 2 and (c.decay_embeddings or id(p) not in embeddings)
+                (muon if id(p) in hidden else decay if is_matrix else no_decay).append(p)
+        if c.optimizer == "muon":
+            rank_zero_info(
+                f"optimizer groups: Muon on {len(muon)} block matrices / "
+                f"{sum(p.numel() for p in muon):,} params at lr {c.muon_lr}"
+            )
         rank_zero_info(
             f"optimizer groups: {len(decay)} tensors / {sum(p.numel() for p in decay):,} params with "
-            f"weight decay {self.optim.weight_decay}; {len(no_decay)} tensors / "
+            f"weight decay {c.weight_decay}; {len(no_decay)} tensors / "
             f"{sum(p.numel() for p in no_decay):,} params without"
         )
-        return [
-            {"params": decay, "weight_decay": self.optim.weight_decay},
+        groups = [
+            {"params": decay, "weight_decay": c.weight_decay},
             {"params": no_decay, "weight_decay": 0.0},
         ]
+        if c.optimizer == "muon":
+            wd = c.weight_decay if c.muon_weight_decay is None else c.muon_weight_decay
+            groups.insert(
+                0, {"params": muon, "weight_decay": wd, "lr": c.muon_lr, "use_muon": True}
+            )
+        return groups
 
     def total_steps(self) -> int:
         if self.trainer.max_steps and self.trainer.max_steps > 0:
@@ -351,10 +369,14 @@ class LMTask(L.LightningModule):
     def configure_optimizers(self):
         c = self.optim
         fused = next(self.model.parameters()).is_cuda
-        opt = torch.optim.AdamW(
-            self.param_groups(), lr=c.lr, betas=(c.beta1, c.beta2), eps=c.eps, fused=fused
-        )
+        adamw = {"lr": c.lr, "betas": (c.beta1, c.beta2), "eps": c.eps, "fused": fused}
+        if c.optimizer == "muon":
+            muon = {"momentum": c.muon_momentum, "adjust_lr_fn": c.muon_adjust_lr}
+            opt = MuonWithAdamW(self.param_groups(), muon, adamw)
+        else:
+            opt = torch.optim.AdamW(self.param_groups(), **adamw)
         total = self.total_steps()
+        # Each group's own peak (lr, muon_lr) times the schedule's factor
         sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_at(s, c, total) / c.lr)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
