@@ -1,4 +1,5 @@
 import time
+
 import lightning as L
 import pytest
 
