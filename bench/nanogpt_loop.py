@@ -7,7 +7,8 @@ windows drawn from the memory-mapped training split with ``torch.randint`` and s
 batch fetched right after the forward pass, the learning rate set on every group by hand
 (linear warmup, cosine to min_lr), ``F.cross_entropy`` on the flattened logits, backward,
 clipping at 1.0, AdamW (weight decay on the >= 2-D tensors, none on the rest, torch's default
-foreach implementation on a CPU), ``zero_grad(set_to_none=True)``. No logging, no progress bar.
+per-tensor implementation on a CPU; ``--fused``: the fused kernel, which nanoGPT asks for on
+CUDA only), ``zero_grad(set_to_none=True)``. No logging, no progress bar.
 
 The model is nanoGPT's for this recipe: lmforge's ``GPT`` with learned positions, no biases,
 the exact GELU and the vocabulary unpadded (65 rows), 4 layers, 4 heads, width 128, context 64,
@@ -46,6 +47,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--min-lr", type=float, default=1e-4)
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument(
+        "--fused", action="store_true", help="torch's fused AdamW (nanoGPT: on CUDA only)"
+    )
     args = ap.parse_args()
     spawned = float(os.environ.get("BENCH_SPAWNED", "nan"))
     turn = Turn()
@@ -72,6 +76,7 @@ def main() -> None:
         [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
         betas=(0.9, 0.99),
+        **({"fused": True} if args.fused else {}),
     )
 
     def get_batch():

@@ -1,7 +1,7 @@
 """Processes that take turns on the CPU: how the benchmarks interleave whole training runs.
 
-Each benchmarked run is its own process (`lmforge-train` with the ``TakeTurns`` callback, or a
-bare loop calling ``Turn.take``), so its threads, imports and start-up are its own, as a user's
+Each benchmarked run is its own process (`lmforge-train` with the ``TakeTurns`` callback of
+bench/take_turns.py, or a bare loop calling ``Turn.take``), so its threads, imports and start-up are its own, as a user's
 would be. Only one process computes at a time: at each of its turns it reports to the
 coordinator and blocks until handed the next turn, and the coordinator hands turns round-robin.
 Whatever the shared machine does to one run's stretch of steps it does to the others' stretches
@@ -13,15 +13,18 @@ Child side: the coordinator passes a pipe pair in ``BENCH_TURN_FDS`` ("read,writ
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import pty
+import struct
 import subprocess
 import sys
+import termios
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import lightning as L
 
 
 class Turn:
@@ -43,81 +46,6 @@ class Turn:
             sys.exit(3)
 
 
-class TakeTurns(L.Callback):
-    """``lmforge-train``'s side: a turn every ``every`` optimizer steps (and at each validation,
-    with ``at_validation``). Records the time of every step (start to next start) and the
-    training seconds (validation and waiting excluded) at each validation with its loss."""
-
-    def __init__(self, every: int = 0, at_validation: bool = True) -> None:
-        self.every, self.at_validation = every, at_validation
-        self.turn = Turn()
-        self.spawned = float(os.environ.get("BENCH_SPAWNED", "nan"))
-        self.step_s: list[float] = []
-        self.last_start: float | None = None
-        self.train_s = 0.0
-        self.mark = 0.0
-        self.first_step_at: float | None = None
-        self.records: list[dict] = []
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.mark = time.perf_counter()
-
-    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-        now = time.perf_counter()
-        if self.first_step_at is None:
-            self.first_step_at = time.time()
-            self.turn.take({"event": "ready", "startup_s": self.first_step_at - self.spawned})
-            now = self.mark = time.perf_counter()
-        elif self.last_start is not None:
-            self.step_s.append(now - self.last_start)
-        self.last_start = now
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if self.every and trainer.global_step % self.every == 0:
-            self._pause(trainer, {"event": "steps"})
-
-    def on_validation_start(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        self.train_s += time.perf_counter() - self.mark
-        self.last_start = None  # the next step's time would hold the validation
-        if self.at_validation:
-            self._pause(trainer, {"event": "validation"}, count=False)
-
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        loss = trainer.callback_metrics.get("val/loss")
-        self.records.append(
-            {"step": trainer.global_step, "train_s": self.train_s, "val_loss": float(loss)}
-        )
-        self.mark = time.perf_counter()
-
-    def _pause(self, trainer, record: dict, count: bool = True) -> None:
-        """Wait for the next turn; the wait counts neither in the step's time nor in training."""
-        before = time.perf_counter()
-        self.turn.take(record | {"step": trainer.global_step})
-        waited = time.perf_counter() - before
-        if self.last_start is not None:
-            self.last_start += waited
-        if count:
-            self.mark += waited
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        out = os.environ.get("BENCH_RESULT")
-        if out:
-            Path(out).write_text(
-                json.dumps(
-                    {
-                        "startup_s": (self.first_step_at or float("nan")) - self.spawned,
-                        "step_s": self.step_s,
-                        "validations": self.records,
-                        "threads": __import__("torch").get_num_threads(),
-                    }
-                )
-            )
-
-
 @dataclass
 class Child:
     name: str
@@ -132,6 +60,7 @@ class Child:
     wall_s: float = 0.0
     turns: int = 0
     ready_at: float = 0.0
+    tty: bool = False  # stdout and stderr a pseudo-terminal (else the log file)
 
 
 def run_interleaved(children: list[Child], quiet: bool = True) -> None:
@@ -146,11 +75,19 @@ def run_interleaved(children: list[Child], quiet: bool = True) -> None:
             "BENCH_RESULT": str(child.result),
             "BENCH_SPAWNED": repr(time.time()),
         }
-        log = open(child.log or os.devnull, "w")  # noqa: SIM115
+        log = open(child.log or os.devnull, "wb")  # noqa: SIM115
+        out = log
+        if child.tty:  # a terminal, as a user's: the progress bar draws as it does there
+            master, out = pty.openpty()
+            fcntl.ioctl(out, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+            env |= {"TERM": "xterm-256color", "COLUMNS": "120", "LINES": "40"}
+            threading.Thread(target=_drain, args=(master, log), daemon=True).start()
         child.spawned = time.perf_counter()
         child.proc = subprocess.Popen(
-            child.argv, env=env, pass_fds=(p2c_r, c2p_w), stdout=log, stderr=subprocess.STDOUT
+            child.argv, env=env, pass_fds=(p2c_r, c2p_w), stdout=out, stderr=subprocess.STDOUT
         )
+        if child.tty:
+            os.close(out)
         os.close(p2c_r)
         os.close(c2p_w)
         child.to_child, child.from_child = os.fdopen(p2c_w, "w"), os.fdopen(c2p_r, "r")
@@ -181,6 +118,18 @@ def run_interleaved(children: list[Child], quiet: bool = True) -> None:
                     )
             elif not quiet:
                 print(f"  {child.name}: {line.strip()}", flush=True)
+
+
+def _drain(fd: int, log) -> None:
+    """Copy a child's terminal output to its log as it comes (a full pty would block it)."""
+    while True:
+        try:
+            data = os.read(fd, 65536)
+        except OSError:  # the child closed the terminal
+            return
+        if not data:
+            return
+        log.write(data)
 
 
 def load(child: Child) -> dict:

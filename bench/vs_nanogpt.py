@@ -1,13 +1,16 @@
 """`lmforge-train`'s loop against nanoGPT's bare loop, same model, interleaved, whole processes.
 
-    python bench/vs_nanogpt.py                  # 600 steps each, turns of 50, torch's default threads
+    python bench/vs_nanogpt.py                  # 800 steps each, turns of 10, torch's default threads
     python bench/vs_nanogpt.py --threads 1      # OMP_NUM_THREADS=1 for both
 
 Two processes: `lmforge-train experiment=shakespeare_char_cpu` with nanoGPT's model
 (`model.pos_emb=learned model.gelu_approximate=none`; biases are already off), run as a user
 runs it (default callbacks: progress bar, learning-rate monitor, throughput, checkpoints; the
-CSV and W&B offline loggers), and `bench/nanogpt_loop.py`, nanoGPT's loop over the same model.
-They take turns of ``--every`` steps (bench/turns.py), so the machine's noise falls on both and
+CSV and W&B offline loggers), and `bench/nanogpt_loop.py`, nanoGPT's loop over the same model,
+twice: as nanoGPT runs it on a CPU (torch's per-tensor AdamW) and with the fused AdamW kernel that
+lmforge uses on every device (the fairest bare loop: it shows the loop's own overhead). lmforge-train writes to a pseudo-terminal, as in a user's shell, so its progress bar draws as it
+does there (``--no-tty``: to a file, where Rich does not animate). They take turns of ``--every``
+steps (bench/turns.py), so the machine's noise falls on both and
 neither's threads compete with the other's. Each times its own steps (start of one to the start
 of the next, the waits for a turn taken out) and its start-up (process spawned to first step
 begun). Prints the mean and median step time of each, their ratios, the start-up and the whole
@@ -17,6 +20,7 @@ process time (spawned to exited, waits taken out).
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import subprocess
 import sys
@@ -35,9 +39,14 @@ def main() -> None:
     ap = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    ap.add_argument("--steps", type=int, default=600, help="steps of each loop")
-    ap.add_argument("--every", type=int, default=50, help="steps in a turn")
+    ap.add_argument("--steps", type=int, default=800, help="steps of each loop")
+    ap.add_argument("--every", type=int, default=10, help="steps in a turn")
     ap.add_argument("--threads", type=int, default=None, help="OMP_NUM_THREADS for both")
+    ap.add_argument(
+        "--no-tty",
+        action="store_true",
+        help="lmforge-train's output to a file (default: a terminal, where its bar draws)",
+    )
     ap.add_argument("--out", default=None, help="keep the runs' logs here (default: a temp dir)")
     ap.add_argument("overrides", nargs="*", help="more lmforge-train overrides")
     args = ap.parse_args()
@@ -47,7 +56,8 @@ def main() -> None:
     subprocess.run(
         [bin_dir / "lmforge-prepare", "data=shakespeare_char"], check=True, capture_output=True
     )
-    env = {"PYTHONPATH": str(ROOT / "bench"), "WANDB_MODE": "offline"}
+    path = os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))
+    env = {"PYTHONPATH": path, "WANDB_MODE": "offline"}
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     lmforge = Child(
@@ -58,59 +68,66 @@ def main() -> None:
             *NANOGPT_MODEL,
             f"trainer.max_steps={args.steps}",
             f"trainer.val_check_interval={args.steps}",
-            "run_name=vs-nanogpt",
+            f"run_name=vs-nanogpt-{os.getpid()}",
             f"paths.log_dir={work}/logs",
-            "+callbacks.turns._target_=turns.TakeTurns",
+            "+callbacks.turns._target_=take_turns.TakeTurns",
             f"+callbacks.turns.every={args.every}",
             *args.overrides,
         ],
         work / "lmforge.json",
         env=env,
         log=work / "lmforge.log",
+        tty=not args.no_tty,
     )
-    bare = Child(
-        "nanoGPT loop",
-        [
-            sys.executable,
-            str(ROOT / "bench" / "nanogpt_loop.py"),
-            f"--steps={args.steps}",
-            f"--every={args.every}",
-            f"--data={ROOT / 'data' / 'prepared' / 'shakespeare_char'}",
-        ],
-        work / "bare.json",
-        env=env,
-        log=work / "bare.log",
-    )
-    run_interleaved([bare, lmforge])
-    rows = []
-    for child in (bare, lmforge):
+
+    def bare_loop(name: str, *extra: str) -> Child:
+        return Child(
+            name,
+            [
+                sys.executable,
+                str(ROOT / "bench" / "nanogpt_loop.py"),
+                f"--steps={args.steps}",
+                f"--every={args.every}",
+                f"--data={ROOT / 'data' / 'prepared' / 'shakespeare_char'}",
+                *extra,
+            ],
+            work / f"{name.replace(' ', '_')}.json",
+            env=env,
+            log=work / f"{name.replace(' ', '_')}.log",
+        )
+
+    bare = bare_loop("nanoGPT loop")
+    fused = bare_loop("+ fused AdamW", "--fused")
+    children = [bare, fused, lmforge]
+    run_interleaved(children)
+    rows = {}
+    for child in children:
         r = load(child)
         steps = r["step_s"][5:]  # the first steps warm the allocator and caches
-        rows.append(
-            (
-                child.name,
-                len(steps),
-                statistics.mean(steps) * 1e3,
-                statistics.median(steps) * 1e3,
-                r["startup_s"],
-                child.wall_s,
-                r["threads"],
-            )
+        rows[child.name] = (
+            len(steps),
+            statistics.mean(steps) * 1e3,
+            statistics.median(steps) * 1e3,
+            r["startup_s"],
+            child.wall_s,
+            r["threads"],
         )
     print(f"\n{args.steps} steps each, turns of {args.every}; logs in {work}")
     print(
-        f"{'loop':<14}{'threads':>8}{'steps':>7}{'mean ms':>9}{'median ms':>11}"
+        f"{'loop':<15}{'threads':>8}{'steps':>7}{'mean ms':>9}{'median ms':>11}"
         f"{'start-up s':>12}{'process s':>11}"
     )
-    for name, n, mean, median, startup, wall, threads in rows:
+    for name, (n, mean, median, startup, wall, threads) in rows.items():
         print(
-            f"{name:<14}{threads:>8}{n:>7}{mean:>9.2f}{median:>11.2f}{startup:>12.2f}{wall:>11.2f}"
+            f"{name:<15}{threads:>8}{n:>7}{mean:>9.2f}{median:>11.2f}{startup:>12.2f}{wall:>11.2f}"
         )
-    (_, _, bm, bmed, bs, bw, _), (_, _, lm, lmed, ls, lw, _) = rows
-    print(
-        f"ratio lmforge / nanoGPT loop: mean {lm / bm:.3f}, median {lmed / bmed:.3f};"
-        f" start-up +{ls - bs:.2f} s; whole process {lw / bw:.2f}x"
-    )
+    lm = rows["lmforge-train"]
+    for name in ("nanoGPT loop", "+ fused AdamW"):
+        b = rows[name]
+        print(
+            f"lmforge / {name}: mean {lm[1] / b[1]:.3f}, median {lm[2] / b[2]:.3f};"
+            f" start-up {lm[3] - b[3]:+.2f} s; whole process {lm[4] / b[4]:.2f}x"
+        )
 
 
 if __name__ == "__main__":
