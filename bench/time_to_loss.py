@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import re
 import subprocess
 import sys
@@ -39,7 +38,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from turns import Child, load, run_interleaved  # noqa: E402
+from turns import Child, child_env, load, run_interleaved  # noqa: E402
 
 NANOGPT = [
     "experiment=shakespeare_char_cpu",
@@ -111,8 +110,7 @@ def main() -> None:
     out = Path(args.out or tempfile.mkdtemp(prefix="lmforge-time-to-loss-"))
     out.mkdir(parents=True, exist_ok=True)
     bin_dir = Path(sys.executable).parent
-    path = os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))
-    env = {"PYTHONPATH": path, "WANDB_MODE": "disabled"}
+    env = child_env(WANDB_MODE="disabled")
     recipes = {"nanoGPT": NANOGPT, "speedrun": SPEEDRUN}
     if args.ablate:
         recipes |= {name: SPEEDRUN + extra for name, extra in ABLATIONS.items()}

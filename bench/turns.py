@@ -91,7 +91,7 @@ def run_interleaved(children: list[Child], quiet: bool = True) -> None:
         os.close(p2c_r)
         os.close(c2p_w)
         child.to_child, child.from_child = os.fdopen(p2c_w, "w"), os.fdopen(c2p_r, "r")
-        # start-up alone: wait for this child's first step before starting the next
+        # start-up alone: the next child starts once this one reports ready (before its steps)
         first = child.from_child.readline()
         child.ready_at = time.perf_counter()
         if not first:
@@ -103,10 +103,13 @@ def run_interleaved(children: list[Child], quiet: bool = True) -> None:
     while alive:
         for child in list(alive):
             waiting[child.name] += time.perf_counter() - paused_since[child.name]
-            child.to_child.write("go\n")
-            child.to_child.flush()
+            try:
+                child.to_child.write("go\n")
+                child.to_child.flush()
+                line = child.from_child.readline()
+            except BrokenPipeError:  # it exited while waiting (a crash: its log says why)
+                line = ""
             child.turns += 1
-            line = child.from_child.readline()
             paused_since[child.name] = time.perf_counter()
             if not line:
                 child.proc.wait()
@@ -130,6 +133,14 @@ def _drain(fd: int, log) -> None:
         if not data:
             return
         log.write(data)
+
+
+def child_env(**extra: str) -> dict:
+    """The environment a benchmarked child needs beyond ours: bench/ importable first."""
+    bench = str(Path(__file__).resolve().parent)
+    return {
+        "PYTHONPATH": os.pathsep.join(filter(None, [bench, os.environ.get("PYTHONPATH")]))
+    } | extra
 
 
 def load(child: Child) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
-from turns import Child, load, run_interleaved  # noqa: E402
+from turns import Child, child_env, load, run_interleaved  # noqa: E402
 
 NANOGPT_MODEL = ["model.pos_emb=learned", "model.gelu_approximate=none", "model.bias=false"]
 
@@ -56,8 +56,7 @@ def main() -> None:
     subprocess.run(
         [bin_dir / "lmforge-prepare", "data=shakespeare_char"], check=True, capture_output=True
     )
-    path = os.pathsep.join(filter(None, [str(ROOT / "bench"), os.environ.get("PYTHONPATH")]))
-    env = {"PYTHONPATH": path, "WANDB_MODE": "offline"}
+    env = child_env(WANDB_MODE="offline")
     if args.threads:
         env["OMP_NUM_THREADS"] = str(args.threads)
     lmforge = Child(
