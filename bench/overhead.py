@@ -139,7 +139,7 @@ def main() -> None:
         lr=optim.lr,
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
-        fused=device.type == "cuda",
+        fused=True,  # as lmforge's AdamW, on every device
     )
     bare_sched = torch.optim.lr_scheduler.LambdaLR(
         bare_opt, lambda s: lr_at(s, optim, total) / optim.lr
