@@ -1,6 +1,7 @@
 """The Lightning side of bench/turns.py: ``lmforge-train ... +callbacks.turns._target_=take_turns.TakeTurns``
 (with bench/ on PYTHONPATH) takes turns with the other benchmarked processes and records its
-step times, start-up and, at each validation, the training seconds and the validation loss."""
+step times and start-up. Training seconds are the throughput callback's ``perf/train_s``, which
+leaves the validations (where this callback waits for its turn) out."""
 
 from __future__ import annotations
 
@@ -15,20 +16,16 @@ from turns import Turn
 
 
 class TakeTurns(L.Callback):
-    """``lmforge-train``'s side: a turn every ``every`` optimizer steps (and at each validation,
-    with ``at_validation``). Records the time of every step (start to next start) and the
-    training seconds (validation and waiting excluded) at each validation with its loss."""
+    """``lmforge-train``'s side: a turn every ``every`` optimizer steps and at each validation.
+    Records the time of every step (start to next start, the waits taken out)."""
 
-    def __init__(self, every: int = 0, at_validation: bool = True) -> None:
-        self.every, self.at_validation = every, at_validation
+    def __init__(self, every: int = 0) -> None:
+        self.every = every
         self.turn = Turn()
         self.spawned = float(os.environ.get("BENCH_SPAWNED", "nan"))
         self.step_s: list[float] = []
         self.last_start: float | None = None
-        self.train_s = 0.0
-        self.mark = 0.0
         self.first_step_at: float | None = None
-        self.records: list[dict] = []
         self.ready_wait = 0.0
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -37,9 +34,6 @@ class TakeTurns(L.Callback):
         before = time.time()
         self.turn.take({"event": "ready"})
         self.ready_wait = time.time() - before
-
-    def on_train_start(self, trainer, pl_module) -> None:
-        self.mark = time.perf_counter()
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         now = time.perf_counter()
@@ -51,45 +45,32 @@ class TakeTurns(L.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if self.every and trainer.global_step % self.every == 0:
-            self._pause(trainer, {"event": "steps"})
+            self._pause(trainer, "steps")
 
     def on_validation_start(self, trainer, pl_module) -> None:
         if trainer.sanity_checking or trainer.state.fn != "fit":
             return
-        self.train_s += time.perf_counter() - self.mark
         self.last_start = None  # the next step's time would hold the validation
-        if self.at_validation:
-            self._pause(trainer, {"event": "validation"}, count=False)
+        self._pause(trainer, "validation")
 
-    def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit":
-            return
-        loss = trainer.callback_metrics.get("val/loss")
-        self.records.append(
-            {"step": trainer.global_step, "train_s": self.train_s, "val_loss": float(loss)}
-        )
-        self.mark = time.perf_counter()
-
-    def _pause(self, trainer, record: dict, count: bool = True) -> None:
-        """Wait for the next turn; the wait counts neither in the step's time nor in training."""
+    def _pause(self, trainer, event: str) -> None:
+        """Wait for the next turn; the wait does not count in the step's time."""
         before = time.perf_counter()
-        self.turn.take(record | {"step": trainer.global_step})
-        waited = time.perf_counter() - before
+        self.turn.take({"event": event, "step": trainer.global_step})
         if self.last_start is not None:
-            self.last_start += waited
-        if count:
-            self.mark += waited
+            self.last_start += time.perf_counter() - before
 
     def on_train_end(self, trainer, pl_module) -> None:
         out = os.environ.get("BENCH_RESULT")
         if out:
+            import torch
+
             Path(out).write_text(
                 json.dumps(
                     {
                         "startup_s": (self.first_step_at or float("nan")) - self.spawned,
                         "step_s": self.step_s,
-                        "validations": self.records,
-                        "threads": __import__("torch").get_num_threads(),
+                        "threads": torch.get_num_threads(),
                     }
                 )
             )

@@ -58,12 +58,11 @@ class Child:
     from_child: object = None
     spawned: float = 0.0
     wall_s: float = 0.0
-    turns: int = 0
     ready_at: float = 0.0
     tty: bool = False  # stdout and stderr a pseudo-terminal (else the log file)
 
 
-def run_interleaved(children: list[Child], quiet: bool = True) -> None:
+def run_interleaved(children: list[Child]) -> None:
     """Start every child, then hand turns round-robin until all have exited. Each child's
     ``wall_s`` is its whole process time, spawn to exit, less the time it waited for turns."""
     for child in children:
@@ -109,7 +108,6 @@ def run_interleaved(children: list[Child], quiet: bool = True) -> None:
                 line = child.from_child.readline()
             except BrokenPipeError:  # it exited while waiting (a crash: its log says why)
                 line = ""
-            child.turns += 1
             paused_since[child.name] = time.perf_counter()
             if not line:
                 child.proc.wait()
@@ -119,8 +117,6 @@ def run_interleaved(children: list[Child], quiet: bool = True) -> None:
                     raise SystemExit(
                         f"{child.name} failed (exit {child.proc.returncode}): see {child.log}"
                     )
-            elif not quiet:
-                print(f"  {child.name}: {line.strip()}", flush=True)
 
 
 def _drain(fd: int, log) -> None:
