@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
-import signal
 from pathlib import Path
 
 import pytest
@@ -231,7 +229,7 @@ def test_killed_grpo_run_resumes_bitwise(tmp_path):
     """SIGKILL at a random step, resume=auto: every step's loss and the final weights equal an
     uninterrupted run's. Three steps per rollout and a checkpoint every 5 steps: most resumes
     start inside a rollout, which must come back from the checkpoint."""
-    from .test_reliability import SETTINGS, assert_same_run, command, interrupt, ok, run
+    from .test_reliability import SETTINGS, assert_same_run, kill_and_resume
 
     common = [
         *grpo_overrides(tmp_path),
@@ -242,8 +240,5 @@ def test_killed_grpo_run_resumes_bitwise(tmp_path):
     ]
     train_run(tmp_path, "whole", *SETTINGS, *common)
     runs = tmp_path / "grpo"
-    interrupt(
-        command(tmp_path, "killed", *common), runs / "killed", signal.SIGKILL, random.Random(16)
-    )
-    proc = ok(run(command(tmp_path, "killed", *common, "resume=auto")))
+    proc = kill_and_resume(tmp_path, "grpo", "killed", common, seed=16)
     assert_same_run(runs / "killed", runs / "whole", proc, steps=30)

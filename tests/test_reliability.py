@@ -141,6 +141,16 @@ def assert_same_run(
     assert_bitwise_equal(final_weights(resumed, steps), final_weights(whole, steps))
 
 
+def kill_and_resume(
+    logs: Path, task: str, name: str, common: list[str], seed: int
+) -> subprocess.CompletedProcess:
+    """SIGKILL `lmforge-train <common> run_name=<name>` at a random step past its first
+    checkpoint, then run it again with resume=auto to the end; returns the resumed run."""
+    cmd = command(logs, name, *common)
+    interrupt(cmd, logs / task / name, signal.SIGKILL, random.Random(seed))
+    return ok(run(command(logs, name, *common, "resume=auto")))
+
+
 @pytest.fixture(scope="module")
 def gpt(tmp_path_factory):
     logs = tmp_path_factory.mktemp("kill")
@@ -188,10 +198,7 @@ def test_killed_bert_run_resumes_bitwise(tmp_path):
     ]
     train_run(tmp_path, "whole", *SETTINGS, *common)
     runs = tmp_path / "masked_lm"
-    interrupt(
-        command(tmp_path, "killed", *common), runs / "killed", signal.SIGKILL, random.Random(3)
-    )
-    proc = ok(run(command(tmp_path, "killed", *common, "resume=auto")))
+    proc = kill_and_resume(tmp_path, "masked_lm", "killed", common, seed=3)
     assert_same_run(runs / "killed", runs / "whole", proc, steps=30)
 
 
@@ -253,10 +260,7 @@ def test_killed_dpo_run_resumes_bitwise(dpo):
     beside the run) continue exactly."""
     logs, common = dpo
     runs = logs / "dpo"
-    interrupt(
-        command(logs, "dpo-killed", *common), runs / "dpo-killed", signal.SIGKILL, random.Random(5)
-    )
-    proc = ok(run(command(logs, "dpo-killed", *common, "resume=auto")))
+    proc = kill_and_resume(logs, "dpo", "dpo-killed", common, seed=5)
     assert "reference log-probs read from" in proc.stdout + proc.stderr
     assert_same_run(runs / "dpo-killed", runs / "dpo-whole", proc)
 
