@@ -238,9 +238,10 @@ def check_config(config, positive: tuple[str, ...], head_dim: int | None = None)
         )
     if not 0.0 <= config.dropout < 1.0:
         raise ValueError(f"{name}.dropout must be in [0, 1), got {config.dropout}")
-    m = config.pad_vocab_multiple or 1  # null: unpadded (lmforge-train picks it per device)
-    if m < 0:
+    m = config.pad_vocab_multiple  # null: unpadded (lmforge-train picks it per device)
+    if m is not None and m <= 0:
         raise ValueError(f"{name}.pad_vocab_multiple must be positive or null, got {m}")
+    m = m or 1
     config.padded_vocab_size = (config.vocab_size + m - 1) // m * m
     config.head_dim = head_dim or config.n_embd // config.n_head
 
